@@ -1,0 +1,1 @@
+"""Generation: sampling, requests, the scheduler/engine and the LLM/SamplingParams API."""

@@ -1,0 +1,453 @@
+"""The generation engine: requests in, tokens out, many sequences sharing forward passes.
+
+The engine sees token ids and plain Python types only; chat templates and JSON stay at the
+edges (LLM API, CLI, server).
+
+One scheduling rule (as in vLLM v1): every step, each sequence's computed-token count catches
+up with its token count, running sequences first, then waiting ones, under a token budget.
+There are no separate prefill and decode phases: a fresh prompt is simply a sequence that is
+far behind (and may catch up over several steps: chunked prefill); a decoding sequence is one
+token behind. Rows that are one token behind run together in one batched forward; longer
+catch-ups run as their own forward so that no row is padded.
+"""
+
+from __future__ import annotations
+
+import itertools
+import logging
+import time
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Iterable, Optional
+
+import torch
+
+from inhouse.engine import sampling
+from inhouse.engine.outputs import CompletionOutput, Logprob, RequestOutput
+from inhouse.engine.params import SamplingParams
+from inhouse.model.transformer import Transformer
+from inhouse.tokenizer.base import Tokenizer
+from inhouse.tokenizer.detokenizer import IncrementalDetokenizer
+
+logger = logging.getLogger("inhouse.engine")
+
+
+class EngineError(ValueError):
+    """A request the engine cannot run (bad prompt, bad parameters)."""
+
+
+class ContextLengthError(EngineError):
+    """A prompt, or prompt + max_tokens, does not fit in the model's context."""
+
+
+@dataclass
+class Sequence:
+    """One of a request's `n` samples: prompt + generated ids and where it stands."""
+
+    request: "Request"
+    index: int
+    token_ids: list[int]
+    max_tokens: int
+    generator: Optional[torch.Generator]
+    detok: IncrementalDetokenizer
+    slot: int = -1
+    num_computed: int = 0
+    text: str = ""
+    emitted: int = 0  # characters of `text` already handed out by `step`
+    logprobs: Optional[list[dict[int, Logprob]]] = None
+    cumulative_logprob: Optional[float] = None
+    finish_reason: Optional[str] = None
+    stop_reason: object = None
+
+    @property
+    def n_prompt(self) -> int:
+        return len(self.request.prompt_token_ids)
+
+    @property
+    def output_ids(self) -> list[int]:
+        return self.token_ids[self.n_prompt:]
+
+    @property
+    def finished(self) -> bool:
+        return self.finish_reason is not None
+
+
+@dataclass
+class Request:
+    request_id: str
+    prompt: Optional[str]
+    prompt_token_ids: list[int]
+    params: SamplingParams
+    seqs: list[Sequence] = field(default_factory=list)
+    prompt_logprobs: Optional[list] = None
+    prompt_logits: list[torch.Tensor] = field(default_factory=list)  # chunks kept only for prompt_logprobs
+    arrival: float = field(default_factory=time.monotonic)
+    first_token_time: Optional[float] = None
+    forked: bool = False
+
+    @property
+    def finished(self) -> bool:
+        return all(s.finished for s in self.seqs)
+
+
+@dataclass
+class SeqUpdate:
+    """What one step did to one sequence: new ids, new text (safe to show), whether it ended."""
+
+    seq: Sequence
+    new_token_ids: list[int]
+    new_text: str
+    finished: bool
+
+
+class Engine:
+    """Runs requests on a `Transformer` with a shared, slot-per-sequence KV cache.
+
+    Args:
+        model: the network (eval mode).
+        tokenizer: for stop ids, detokenization and stop strings.
+        max_model_len: context length enforced on every request.
+        max_num_seqs: sequences decoded together (cache rows).
+        max_num_batched_tokens: token budget of one step (bounds prefill chunk size).
+        seed: seeds the generators of requests that bring no seed of their own.
+    """
+
+    def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_model_len: int,
+                 max_num_seqs: int = 8, max_num_batched_tokens: int = 2048, seed: int = 0):
+        if max_model_len < 2:
+            raise EngineError(f"max_model_len={max_model_len} must be at least 2")
+        self.model = model
+        self.tokenizer = tokenizer
+        self.max_model_len = max_model_len
+        self.max_num_seqs = max_num_seqs
+        self.max_num_batched_tokens = max(1, max_num_batched_tokens)
+        self.vocab_size = model.args.vocab_size
+        self.stop_ids = frozenset(tokenizer.stop_ids)
+        self.eos_id = tokenizer.eos_id
+        self._seed_rng = torch.Generator().manual_seed(seed)
+        self._ids = itertools.count()
+        self.waiting: deque[Request] = deque()
+        self.running: list[Request] = []
+        self.requests: dict[str, Request] = {}
+        self._free_slots = list(range(max_num_seqs))
+        self.caches = model.new_caches(max_num_seqs, min(max_model_len, 256))
+        self.device = model.tok_embeddings.weight.device
+
+    # ------------------------------------------------------------------ requests
+    def add_request(self, prompt_token_ids: list[int], params: SamplingParams, *,
+                    prompt: Optional[str] = None, request_id: Optional[str] = None) -> Request:
+        """Queue a request. Raises `ContextLengthError`/`EngineError` before anything runs."""
+        ids = [int(t) for t in prompt_token_ids]
+        if not ids:
+            raise EngineError("the prompt is empty: give at least one token")
+        bad = [t for t in ids if not 0 <= t < self.vocab_size]
+        if bad:
+            raise EngineError(f"prompt token id {bad[0]} is outside the vocabulary [0, {self.vocab_size})")
+        if params.n > self.max_num_seqs:
+            raise EngineError(f"n={params.n} is more than max_num_seqs={self.max_num_seqs}")
+        n_prompt = len(ids)
+        if n_prompt >= self.max_model_len:
+            raise ContextLengthError(
+                f"the prompt has {n_prompt} tokens but the context (max_model_len) is {self.max_model_len}: "
+                f"it leaves no room for a single new token; shorten the prompt by at least {n_prompt - self.max_model_len + 1} tokens"
+            )
+        room = self.max_model_len - n_prompt
+        if params.max_tokens is None:
+            max_tokens = room
+        elif params.max_tokens > room:
+            raise ContextLengthError(
+                f"the prompt has {n_prompt} tokens and max_tokens is {params.max_tokens}: {n_prompt + params.max_tokens} "
+                f"tokens in all, more than the context (max_model_len) of {self.max_model_len}; "
+                f"at most {room} new tokens fit"
+            )
+        else:
+            max_tokens = params.max_tokens
+        rid = request_id if request_id is not None else str(next(self._ids))
+        if rid in self.requests:
+            raise EngineError(f"request id {rid!r} is already in use")
+        req = Request(rid, prompt, ids, params)
+        for i in range(params.n):
+            if params.seed is not None:
+                gen = torch.Generator().manual_seed(params.seed + i * 1_000_003)
+            else:
+                gen = torch.Generator().manual_seed(int(torch.randint(0, 2**62, (1,), generator=self._seed_rng)))
+            detok = IncrementalDetokenizer(self.tokenizer, skip_special=params.skip_special_tokens)
+            seq = Sequence(req, i, list(ids), max_tokens, gen, detok)
+            if params.logprobs is not None:
+                seq.logprobs, seq.cumulative_logprob = [], 0.0
+            req.seqs.append(seq)
+        self.requests[rid] = req
+        self.waiting.append(req)
+        return req
+
+    def abort(self, request_id: str) -> None:
+        """Cancel a request and free its cache rows (no effect if it already ended)."""
+        req = self.requests.get(request_id)
+        if req is None:
+            return
+        for s in req.seqs:
+            if not s.finished:
+                s.finish_reason = "abort"
+        self._retire(req)
+
+    def has_unfinished(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    # ------------------------------------------------------------------ one step
+    @torch.inference_mode()
+    def step(self) -> list[SeqUpdate]:
+        """Schedule, run the forward passes, sample, detokenize; return what changed."""
+        self._admit()
+        budget = self.max_num_batched_tokens
+        work: list[tuple[Sequence, int]] = []  # (sequence, tokens to compute now)
+        for req in self.running:
+            for seq in self._active_seqs(req):
+                behind = len(seq.token_ids) - seq.num_computed
+                k = min(behind, budget)
+                if k <= 0:
+                    continue
+                work.append((seq, k))
+                budget -= k
+            if budget <= 0:
+                break
+        if not work:
+            return []
+        self._ensure_cache_len(max(s.num_computed + k for s, k in work))
+
+        updates: list[SeqUpdate] = []
+        singles = [(s, k) for s, k in work if k == 1]
+        chunks = [(s, k) for s, k in work if k > 1]
+        for seq, k in chunks:
+            logits = self._forward([seq], k, want_all=seq.request.params.prompt_logprobs is not None)
+            updates += self._after_forward([seq], logits)
+        if singles:
+            seqs = [s for s, _ in singles]
+            logits = self._forward(seqs, 1, want_all=False)
+            updates += self._after_forward(seqs, logits)
+        for req in [r for r in self.running if r.finished]:
+            self._retire(req)
+        return updates
+
+    # ------------------------------------------------------------------ internals
+    def _active_seqs(self, req: Request) -> list[Sequence]:
+        if not req.forked:
+            return [req.seqs[0]]  # siblings share the prompt: only the first computes it
+        return [s for s in req.seqs if not s.finished]
+
+    def _admit(self) -> None:
+        while self.waiting and len(self._free_slots) >= self.waiting[0].params.n:
+            req = self.waiting.popleft()
+            for seq in req.seqs:
+                seq.slot = self._free_slots.pop(0)
+            self._free_slots.sort()
+            self.running.append(req)
+
+    def _retire(self, req: Request) -> None:
+        if req in self.running:
+            self.running.remove(req)
+            for seq in req.seqs:
+                self._free_slots.append(seq.slot)
+            self._free_slots.sort()
+        elif req in self.waiting:
+            self.waiting.remove(req)
+        self.requests.pop(req.request_id, None)
+
+    def _ensure_cache_len(self, needed: int) -> None:
+        cur = self.caches[0].max_len
+        if needed <= cur:
+            return
+        new = cur
+        while new < needed:
+            new *= 2
+        new = min(new, self.max_model_len)
+        logger.debug("growing KV cache from %d to %d positions", cur, new)
+        for c in self.caches:
+            c.grow(new)
+
+    def _forward(self, seqs: list[Sequence], k: int, want_all: bool) -> torch.Tensor:
+        """Compute the next `k` tokens of each sequence; logits (B, k or 1, V)."""
+        tokens = torch.tensor([s.token_ids[s.num_computed:s.num_computed + k] for s in seqs], device=self.device)
+        start = torch.tensor([s.num_computed for s in seqs], device=self.device)
+        pos = start[:, None] + torch.arange(k, device=self.device)  # (B, k)
+        rows = torch.tensor([s.slot for s in seqs], device=self.device)
+        logits = self.model(tokens, input_pos=pos, caches=self.caches, last_only=not want_all, cache_rows=rows)
+        for s in seqs:
+            s.num_computed += k
+        return logits
+
+    def _after_forward(self, seqs: list[Sequence], logits: torch.Tensor) -> list[SeqUpdate]:
+        updates = []
+        ready: list[Sequence] = []
+        rows: list[torch.Tensor] = []
+        for i, seq in enumerate(seqs):
+            req = seq.request
+            if req.params.prompt_logprobs is not None and not req.forked:
+                req.prompt_logits.append(logits[i])
+            if seq.num_computed < len(seq.token_ids):
+                continue  # still catching up on its prompt (chunked prefill)
+            last = logits[i, -1]
+            if not req.forked:
+                self._fork(req)
+                if req.params.prompt_logprobs is not None:
+                    self._compute_prompt_logprobs(req)
+                for sib in req.seqs:
+                    ready.append(sib)
+                    rows.append(last)
+            else:
+                ready.append(seq)
+                rows.append(last)
+        if ready:
+            tokens, lp = self._sample(ready, torch.stack(rows))
+            for j, seq in enumerate(ready):
+                updates.append(self._append(seq, tokens[j], None if lp is None else tuple(x[j] for x in lp)))
+        return updates
+
+    def _fork(self, req: Request) -> None:
+        """The first sequence finished the prompt: give its cache rows to its siblings."""
+        parent = req.seqs[0]
+        n = parent.num_computed
+        for sib in req.seqs[1:]:
+            for c in self.caches:
+                c.k[sib.slot, :, :n] = c.k[parent.slot, :, :n]
+                c.v[sib.slot, :, :n] = c.v[parent.slot, :, :n]
+            sib.num_computed = n
+        req.forked = True
+
+    def _compute_prompt_logprobs(self, req: Request) -> None:
+        logits = torch.cat(req.prompt_logits)  # (n_prompt, V)
+        req.prompt_logits = []
+        ids = req.prompt_token_ids
+        k = req.params.prompt_logprobs
+        target = torch.tensor(ids[1:], device=logits.device)
+        chosen, top_ids, top_lp = sampling.compute_logprobs(logits[:-1], target, k)
+        ranks = self._ranks(logits[:-1], target)
+        out: list = [None]
+        for p in range(len(ids) - 1):
+            out.append(self._logprob_dict(int(target[p]), float(chosen[p]), int(ranks[p]), top_ids[p], top_lp[p]))
+        req.prompt_logprobs = out
+
+    @staticmethod
+    def _ranks(logits: torch.Tensor, target: torch.Tensor) -> torch.Tensor:
+        chosen = logits.gather(-1, target[:, None])
+        return (logits > chosen).sum(-1) + 1
+
+    def _logprob_dict(self, tok: int, lp: float, rank: int, top_ids, top_lp) -> dict[int, Logprob]:
+        d = {tok: Logprob(lp, rank, self.tokenizer.decode([tok]))}
+        for r, (t, v) in enumerate(zip(top_ids.tolist(), top_lp.tolist()), start=1):
+            if t not in d:
+                d[t] = Logprob(float(v), r, self.tokenizer.decode([t]))
+        return d
+
+    def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
+        """Penalties → temperature → min_p/top_k/top_p → sample; logprobs from the raw logits."""
+        raw = logits
+        params = [s.request.params for s in seqs]
+        logits = logits.clone()
+        # min_tokens: the model may not stop before it has produced that many.
+        for i, (s, p) in enumerate(zip(seqs, params)):
+            if len(s.output_ids) < p.min_tokens:
+                stops = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(self.stop_ids))
+                if stops:
+                    logits[i, list(stops)] = float("-inf")
+        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
+            V = logits.shape[-1]
+            counts = torch.zeros((len(seqs), V), dtype=torch.long, device=logits.device)
+            prompt_mask = torch.zeros((len(seqs), V), dtype=torch.bool, device=logits.device)
+            for i, s in enumerate(seqs):
+                if s.output_ids:
+                    counts[i] = torch.bincount(torch.tensor(s.output_ids, device=logits.device), minlength=V)[:V]
+                prompt_mask[i, s.request.prompt_token_ids] = True
+            f = lambda name: torch.tensor([getattr(p, name) for p in params], dtype=torch.float32, device=logits.device)  # noqa: E731
+            logits = sampling.apply_penalties(logits, counts, prompt_mask, f("repetition_penalty"),
+                                              f("presence_penalty"), f("frequency_penalty"))
+        greedy = [p.is_greedy for p in params]
+        temps = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
+                             dtype=torch.float32, device=logits.device)
+        logits = logits / temps[:, None]
+        if any(not g and (p.top_k not in (0, -1) or p.top_p < 1.0 or p.min_p > 0.0) for g, p in zip(greedy, params)):
+            top_k = torch.tensor([0 if (g or p.top_k in (0, -1)) else p.top_k for g, p in zip(greedy, params)],
+                                 device=logits.device)
+            top_p = torch.tensor([1.0 if g else p.top_p for g, p in zip(greedy, params)], device=logits.device)
+            min_p = torch.tensor([0.0 if g else p.min_p for g, p in zip(greedy, params)], device=logits.device)
+            logits = sampling.apply_top_k_top_p_min_p(logits, top_k, top_p, min_p)
+        sample_t = torch.tensor([0.0 if g else 1.0 for g in greedy], device=logits.device)
+        tokens = sampling.sample(logits, sample_t, [s.generator for s in seqs])
+        lp = None
+        if any(p.logprobs is not None for p in params):
+            k = max(p.logprobs or 0 for p in params)
+            chosen, top_ids, top_lp = sampling.compute_logprobs(raw, tokens, k)
+            ranks = self._ranks(raw, tokens)
+            lp = (chosen, top_ids, top_lp, ranks)
+        return tokens.tolist(), lp
+
+    def _append(self, seq: Sequence, tok: int, lp) -> SeqUpdate:
+        req = seq.request
+        p = req.params
+        if req.first_token_time is None:
+            req.first_token_time = time.monotonic()
+        seq.token_ids.append(tok)
+        if lp is not None and seq.logprobs is not None:
+            chosen, top_ids, top_lp, rank = lp
+            k = p.logprobs or 0
+            seq.logprobs.append(self._logprob_dict(tok, float(chosen), int(rank), top_ids[:k], top_lp[:k]))
+            seq.cumulative_logprob += float(chosen)
+        n_out = len(seq.output_ids)
+
+        # Stop tokens: the model's own end tokens (unless ignore_eos) and the request's. Their text
+        # is not part of the output unless include_stop_str_in_output (as vLLM does).
+        stop_ids = p.stop_token_ids or ()
+        if (tok in self.stop_ids and not p.ignore_eos) or tok in stop_ids:
+            seq.finish_reason = "stop"
+            seq.stop_reason = None if (tok == self.eos_id and tok not in stop_ids) else tok
+            if p.include_stop_str_in_output:
+                seq.text += seq.detok.push(tok)
+            seq.text += seq.detok.flush()
+        else:
+            seq.text += seq.detok.push(tok)
+            if n_out >= seq.max_tokens:
+                seq.finish_reason = "length"
+                seq.text += seq.detok.flush()
+            if p.stop:
+                self._check_stop_strings(seq)
+        # Hand out text, holding back a tail that might still grow into a stop string.
+        hold = 0 if seq.finished or not p.stop else max(len(s) for s in p.stop) - 1
+        upto = max(seq.emitted, len(seq.text) - hold)
+        new_text = seq.text[seq.emitted:upto]
+        seq.emitted = upto
+        return SeqUpdate(seq, [tok], new_text, seq.finished)
+
+    @staticmethod
+    def _check_stop_strings(seq: Sequence) -> None:
+        """End the sequence at the earliest stop string in the text not yet handed out."""
+        p = seq.request.params
+        start = max(0, seq.emitted - max(len(s) for s in p.stop) + 1)
+        hit = None
+        for s in p.stop:
+            i = seq.text.find(s, start)
+            if i != -1 and (hit is None or i < hit[0]):
+                hit = (i, s)
+        if hit is not None:
+            i, s = hit
+            seq.text = seq.text[: i + len(s)] if p.include_stop_str_in_output else seq.text[:i]
+            seq.finish_reason, seq.stop_reason = "stop", s
+
+    # ------------------------------------------------------------------ results
+    @staticmethod
+    def request_output(req: Request) -> RequestOutput:
+        outs = [
+            CompletionOutput(
+                index=s.index, text=s.text, token_ids=list(s.output_ids),
+                cumulative_logprob=s.cumulative_logprob, logprobs=s.logprobs,
+                finish_reason=s.finish_reason, stop_reason=s.stop_reason,
+            )
+            for s in req.seqs
+        ]
+        metrics = {"arrival_time": req.arrival, "first_token_time": req.first_token_time}
+        return RequestOutput(req.request_id, req.prompt, list(req.prompt_token_ids), req.prompt_logprobs,
+                             outs, finished=req.finished, metrics=metrics)
+
+    def run_to_completion(self, reqs: Iterable[Request]) -> list[RequestOutput]:
+        reqs = list(reqs)
+        while self.has_unfinished():
+            self.step()
+        return [self.request_output(r) for r in reqs]

@@ -1,0 +1,70 @@
+"""A preallocated key/value cache for one attention layer, updated at tensor positions."""
+
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+
+
+class KVCache(torch.nn.Module):
+    """Keys and values of `batch_size` sequences, `max_len` positions each.
+
+    Each batch row is one sequence ("slot"); a token at position p of row b is stored at
+    ``[b, :, p]``. Rows are independent, so sequences of different lengths share a cache.
+
+    Args:
+        batch_size: number of sequences (rows).
+        max_len: positions per sequence.
+        n_kv_heads, head_dim: attention geometry.
+        dtype, device: storage.
+    """
+
+    def __init__(self, batch_size: int, max_len: int, n_kv_heads: int, head_dim: int,
+                 dtype: torch.dtype = torch.float32, device: Optional[torch.device] = None):
+        super().__init__()
+        self.max_len = max_len
+        shape = (batch_size, n_kv_heads, max_len, head_dim)  # (B, K, S, hd)
+        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+
+    @property
+    def batch_size(self) -> int:
+        return self.k.shape[0]
+
+    def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
+               n_slots: Optional[int] = None, rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write new keys/values and return the cache's first `n_slots` positions.
+
+        Args:
+            input_pos: (B, T) positions of the new entries.
+            k, v: (B, K, T, hd) new keys and values.
+            n_slots: how many leading positions to return (default: all).
+            rows: (B,) cache rows the batch rows map to (default: rows 0..B-1).
+
+        Returns:
+            (k, v), each (B, K, n_slots, hd): views when `rows` is a contiguous range.
+        """
+        B = k.shape[0]
+        if rows is None:
+            rows = torch.arange(B, device=k.device)
+        # Advanced indices around a slice put the indexed dims first: target is (B, T, K, hd).
+        self.k[rows[:, None], :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
+        self.v[rows[:, None], :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
+        n = self.max_len if n_slots is None else n_slots
+        first = int(rows[0])
+        if B == 1 or bool((rows == torch.arange(first, first + B, device=rows.device)).all()):
+            return self.k[first:first + B, :, :n], self.v[first:first + B, :, :n]  # views, no copy
+        return self.k[rows, :, :n], self.v[rows, :, :n]  # gather (copies) for scattered rows
+
+    def grow(self, max_len: int) -> None:
+        """Extend every row to `max_len` positions, keeping the stored entries."""
+        if max_len <= self.max_len:
+            return
+        B, K, S, hd = self.k.shape
+        for name in ("k", "v"):
+            old = getattr(self, name)
+            new = old.new_zeros((B, K, max_len, hd))
+            new[:, :, :S] = old
+            setattr(self, name, new)
+        self.max_len = max_len

@@ -1,0 +1,167 @@
+"""Our vectorized dequantization against the gguf package's reference (gguf.quants.dequantize).
+
+Tolerance: none. Our kernels do the float32 arithmetic in the same order as the reference, so
+every comparison is bit-exact (compared as raw float32 bit patterns; NaN only in the plain-float
+types, where NaN positions must match).
+"""
+
+from __future__ import annotations
+
+import warnings
+
+import gguf
+import numpy as np
+import pytest
+import torch
+from gguf.quants import dequantize as gguf_dequantize
+from gguf.quants import quantize as gguf_quantize
+
+from inhouse.weights.quants import GGML_BLOCK_SIZES, GGML_TYPE_NAMES, SUPPORTED_TYPES, dequantize
+
+Q = gguf.GGMLQuantizationType
+
+# Byte offsets of the fp16 scale fields inside one block, per type (ggml block structs).
+FP16_FIELDS = {
+    Q.Q4_0: [0], Q.Q4_1: [0, 2], Q.Q5_0: [0], Q.Q5_1: [0, 2], Q.Q8_0: [0],
+    Q.Q2_K: [80, 82], Q.Q3_K: [108], Q.Q4_K: [0, 2], Q.Q5_K: [0, 2], Q.Q6_K: [208],
+}
+QUANTIZED = list(FP16_FIELDS)
+# 1 block, a few, and enough to cross the 2**18-value chunk boundary inside dequantize.
+BLOCK_COUNTS = [1, 3, 37, 8195]
+
+
+def _bits_equal(ours: torch.Tensor, ref: np.ndarray) -> None:
+    a = ours.numpy().reshape(-1)
+    b = np.asarray(ref, dtype=np.float32).reshape(-1)
+    assert a.shape == b.shape
+    nan_a, nan_b = np.isnan(a), np.isnan(b)
+    np.testing.assert_array_equal(nan_a, nan_b)
+    ok = ~nan_a
+    mismatch = np.flatnonzero(a[ok].view(np.uint32) != b[ok].view(np.uint32))
+    assert mismatch.size == 0, f"{mismatch.size} values differ, first at {mismatch[0]}: {a[ok][mismatch[0]]} vs {b[ok][mismatch[0]]}"
+
+
+def _random_blocks(qtype: Q, n_blocks: int, seed: int) -> np.ndarray:
+    """Random bytes per block, with every fp16 scale replaced by a finite value of either sign."""
+    rng = np.random.default_rng(seed)
+    _, type_size = GGML_BLOCK_SIZES[qtype]
+    blocks = rng.integers(0, 256, size=(n_blocks, type_size), dtype=np.uint8)
+    for at in FP16_FIELDS[qtype]:
+        scale = (rng.standard_normal((n_blocks, 1)) * 0.05).astype(np.float16)
+        blocks[:, at : at + 2] = scale.view(np.uint8)
+    return blocks.reshape(-1)
+
+
+def test_supported_types_cover_the_brief():
+    names = set(SUPPORTED_TYPES.values())
+    assert {"F32", "F16", "BF16", "Q8_0", "Q4_0", "Q4_1", "Q5_0", "Q5_1"} <= names
+    assert {"Q2_K", "Q3_K", "Q4_K", "Q5_K", "Q6_K", "Q8_K"} <= names
+    for type_id, name in SUPPORTED_TYPES.items():
+        assert Q(type_id).name == name
+
+
+def test_type_tables_match_ggml():
+    for type_id, name in GGML_TYPE_NAMES.items():
+        assert Q(type_id).name == name
+        assert GGML_BLOCK_SIZES[type_id] == gguf.GGML_QUANT_SIZES[Q(type_id)]
+    assert set(GGML_BLOCK_SIZES) == {int(t) for t in gguf.GGML_QUANT_SIZES}
+
+
+@pytest.mark.parametrize("n_blocks", BLOCK_COUNTS)
+@pytest.mark.parametrize("qtype", QUANTIZED, ids=lambda t: t.name)
+def test_random_blocks_match_gguf(qtype, n_blocks):
+    raw = _random_blocks(qtype, n_blocks, seed=int(qtype) * 1000 + n_blocks)
+    block_size, _ = GGML_BLOCK_SIZES[qtype]
+    ours = dequantize(raw, int(qtype), n_blocks * block_size)
+    assert ours.dtype == torch.float32 and ours.shape == (n_blocks * block_size,)
+    assert ours.abs().max() > 0  # the random blocks really decode to something
+    _bits_equal(ours, gguf_dequantize(raw, qtype))
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1, Q.Q5_0, Q.Q5_1, Q.Q8_0], ids=lambda t: t.name)
+def test_gguf_quantized_data_matches_gguf(qtype):
+    rng = np.random.default_rng(int(qtype))
+    values = rng.standard_normal((7, 96)).astype(np.float32)
+    raw = gguf_quantize(values, qtype).reshape(-1)
+    ours = dequantize(raw, int(qtype), values.size)
+    _bits_equal(ours, gguf_dequantize(raw, qtype))
+    # ...and it is a reasonable approximation of what was quantized (catches a shared mistake).
+    assert torch.allclose(ours.view(7, 96), torch.from_numpy(values), atol=0.5)
+
+
+def _special_floats() -> np.ndarray:
+    return np.array([0.0, -0.0, 1.0, -2.5, np.inf, -np.inf, np.nan, 1e-40, 3.0e38, 65504.0, 6e-8], np.float32)
+
+
+def test_f32_f16_bf16_match_gguf():
+    rng = np.random.default_rng(1)
+    values = np.concatenate([_special_floats(), rng.standard_normal(1000).astype(np.float32)])
+
+    raw32 = values.view(np.uint8)
+    _bits_equal(dequantize(raw32, 0, values.size), gguf_dequantize(raw32, Q.F32))
+
+    with np.errstate(over="ignore"):  # 3e38 -> inf in float16, on purpose
+        raw16 = values.astype(np.float16).view(np.uint8)
+    _bits_equal(dequantize(raw16, 1, values.size), gguf_dequantize(raw16, Q.F16))
+
+    raw_bf16 = gguf_quantize(values, Q.BF16).reshape(-1)
+    ours = dequantize(raw_bf16, 30, values.size)
+    _bits_equal(ours, gguf_dequantize(raw_bf16, Q.BF16))
+    # BF16 keeps the top 16 bits of float32 (round to nearest even): check against torch too.
+    finite = np.isfinite(values)
+    expected = torch.from_numpy(values).to(torch.bfloat16).float().numpy()
+    np.testing.assert_array_equal(ours.numpy()[finite], expected[finite])
+
+
+def _q8_k_reference(raw: np.ndarray) -> np.ndarray:
+    # gguf has no Q8_K dequantizer: block_q8_K is {float d; int8 qs[256]; int16 bsums[16]}, y = d * q.
+    blocks = raw.reshape(-1, 292)
+    d = blocks[:, :4].copy().view(np.float32)  # (n, 1)
+    q = blocks[:, 4:260].view(np.int8).astype(np.float32)  # (n, 256)
+    return (q * d).reshape(-1)
+
+
+@pytest.mark.parametrize("n_blocks", BLOCK_COUNTS)
+def test_q8_k_matches_reference_formula(n_blocks):
+    rng = np.random.default_rng(n_blocks)
+    blocks = rng.integers(0, 256, size=(n_blocks, 292), dtype=np.uint8)
+    blocks[:, :4] = rng.standard_normal((n_blocks, 1)).astype(np.float32).view(np.uint8)
+    raw = blocks.reshape(-1)
+    _bits_equal(dequantize(raw, 15, n_blocks * 256), _q8_k_reference(raw))
+
+
+def test_hand_made_q4_0_block():
+    # d = 0.5; qs[j] = j | (15 - j) << 4 -> value j = (j - 8) * 0.5, value 16 + j = (7 - j) * 0.5
+    qs = np.array([j | ((15 - j) << 4) for j in range(16)], dtype=np.uint8)
+    raw = np.concatenate([np.array([0.5], np.float16).view(np.uint8), qs])
+    expected = [(j - 8) * 0.5 for j in range(16)] + [(7 - j) * 0.5 for j in range(16)]
+    assert dequantize(raw, 2, 32).tolist() == expected
+
+
+def test_read_only_input_is_not_modified_and_warns_nothing():
+    raw = _random_blocks(Q.Q4_K, 4, seed=5)
+    before = raw.copy()
+    raw.flags.writeable = False
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        ours = dequantize(raw, int(Q.Q4_K), 4 * 256)
+    np.testing.assert_array_equal(raw, before)
+    _bits_equal(ours, gguf_dequantize(before, Q.Q4_K))
+
+
+def test_zero_elements():
+    assert dequantize(np.zeros(0, np.uint8), int(Q.Q6_K), 0).shape == (0,)
+
+
+def test_errors():
+    raw = np.zeros(18, np.uint8)
+    with pytest.raises(ValueError, match=r"unsupported ggml type IQ2_XXS \(16\)"):
+        dequantize(np.zeros(66, np.uint8), 16, 256)
+    with pytest.raises(ValueError, match=r"unsupported ggml type type 99 \(99\)"):
+        dequantize(raw, 99, 32)
+    with pytest.raises(ValueError, match="not a whole number of Q4_0 blocks of 32"):
+        dequantize(raw, 2, 31)
+    with pytest.raises(ValueError, match="64 Q4_0 values need 36 bytes, got 18"):
+        dequantize(raw, 2, 64)
+    with pytest.raises(ValueError, match="1-D uint8"):
+        dequantize(raw.view(np.int8), 2, 32)
