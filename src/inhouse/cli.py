@@ -18,6 +18,7 @@ import time
 from typing import Optional, Sequence
 
 EXIT_USER_ERROR = 2
+DEFAULT_MAX_TOKENS = 512
 
 
 def _add_model_args(p: argparse.ArgumentParser) -> None:
@@ -31,7 +32,8 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
     g = p.add_argument_group("sampling")
-    g.add_argument("--max-tokens", type=int, default=512, help="most new tokens (default: 512)")
+    g.add_argument("--max-tokens", type=int, default=None,
+                   help=f"most new tokens (default: {DEFAULT_MAX_TOKENS}, or what is left of the context)")
     g.add_argument("--temperature", type=float, default=temperature, help=f"0 = greedy (default: {temperature})")
     g.add_argument("--top-p", type=float, default=1.0)
     g.add_argument("--top-k", type=int, default=0)
@@ -43,12 +45,14 @@ def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="inhouse", description="Run Llama models on your own machine, offline.")
-    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
-    parser.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    common = argparse.ArgumentParser(add_help=False)
+    common.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    common.add_argument("-q", "--quiet", action="store_true", help="no progress messages")
+    parser = argparse.ArgumentParser(prog="inhouse", description="Run Llama models on your own machine, offline.",
+                                     parents=[common])
     sub = parser.add_subparsers(dest="verb", required=True)
 
-    g = sub.add_parser("generate", help="answer one prompt, streaming to the terminal")
+    g = sub.add_parser("generate", help="answer one prompt, streaming to the terminal", parents=[common])
     g.add_argument("words", nargs="+", metavar="[MODEL] PROMPT", help="optional model, then the prompt ('-' reads stdin)")
     g.add_argument("--model", "-m", default=None, help="model (instead of the first positional argument)")
     g.add_argument("--raw", action="store_true", help="complete the text as is, without the chat format")
@@ -58,14 +62,14 @@ def build_parser() -> argparse.ArgumentParser:
     _add_sampling_args(g, temperature=0.0)
     g.set_defaults(func=cmd_generate)
 
-    c = sub.add_parser("chat", help="talk to a model interactively")
+    c = sub.add_parser("chat", help="talk to a model interactively", parents=[common])
     c.add_argument("model", nargs="?", default=None)
     c.add_argument("--system", default=None, help="system prompt")
     _add_model_args(c)
     _add_sampling_args(c, temperature=0.0)
     c.set_defaults(func=cmd_chat)
 
-    i = sub.add_parser("info", help="describe a model: format, architecture, size, memory needed")
+    i = sub.add_parser("info", help="describe a model: format, architecture, size, memory needed", parents=[common])
     i.add_argument("model", nargs="?", default=None)
     i.add_argument("--json", action="store_true")
     i.add_argument("--dtype", default="auto")
@@ -115,11 +119,10 @@ def cmd_generate(a: argparse.Namespace) -> int:
         target = prompt
     else:
         target = ([{"role": "system", "content": a.system}] if a.system else []) + [{"role": "user", "content": prompt}]
-    if a.max_tokens is not None:
-        n_prompt = len(llm.encode_chat(target) if not a.raw else llm.get_tokenizer().encode(prompt, bos=llm.tokenizer.add_bos))
-        room = llm.max_model_len - n_prompt
-        if 0 < room < a.max_tokens:
-            params.max_tokens = room  # the CLI's default cap adapts; the API stays strict
+    n_prompt = len(llm.encode_chat(target)) if not a.raw else len(llm.get_tokenizer().encode(prompt, bos=llm.tokenizer.add_bos))
+    if a.max_tokens is None:
+        # The default cap adapts to what the context leaves; an explicit --max-tokens is checked strictly.
+        params.max_tokens = max(1, min(DEFAULT_MAX_TOKENS, llm.max_model_len - n_prompt))
     first = None
     text, ids, finish = [], [], None
     try:
@@ -137,7 +140,6 @@ def cmd_generate(a: argparse.Namespace) -> int:
         finish = "interrupted"
     end = time.perf_counter()
     if a.json:
-        n_prompt = len(llm.encode_chat(target)) if not a.raw else len(llm.get_tokenizer().encode(prompt, bos=llm.tokenizer.add_bos))
         out = {
             "model": llm.loaded.name, "prompt": prompt, "text": "".join(text), "token_ids": ids,
             "finish_reason": finish,
@@ -239,7 +241,7 @@ def cmd_chat(a: argparse.Namespace) -> int:
             print(f"error: the conversation is {n_prompt} tokens, the context is {llm.max_model_len}; "
                   "/reset to start over", file=sys.stderr)
             continue
-        params.max_tokens = min(a.max_tokens, room)
+        params.max_tokens = min(a.max_tokens or DEFAULT_MAX_TOKENS, room)
         reply = []
         try:
             for d in llm.stream(convo, params):
@@ -321,6 +323,8 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     level = logging.DEBUG if a.verbose else (logging.WARNING if a.quiet else logging.INFO)
     logging.basicConfig(level=logging.WARNING, format="%(message)s", stream=sys.stderr)
     logging.getLogger("inhouse").setLevel(level)
+    if a.verb == "generate" and a.json and not a.verbose:
+        logging.getLogger("inhouse").setLevel(logging.WARNING)  # machine output: keep stderr quiet too
     try:
         return a.func(a)
     except KeyboardInterrupt:

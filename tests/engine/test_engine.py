@@ -155,3 +155,34 @@ def test_chat_uses_llama31_format_and_stops_on_eot(tiny_model, tok):
     eot_bias = SamplingParams(temperature=0, max_tokens=5, stop_token_ids=None)
     out = llm.chat(msgs, eot_bias)[0].outputs[0]
     assert out.finish_reason in ("stop", "length")
+
+
+def test_penalties_reach_the_model_output(llm, tiny_model, tok):
+    prompt = tok.encode("la la la la la", bos=True)
+    pen = 1.8
+    out = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True,
+                                                                    repetition_penalty=pen, presence_penalty=0.5))[0]
+    ids, ref = list(prompt), []
+    with torch.inference_mode():
+        for _ in range(10):
+            logits = tiny_model(torch.tensor([ids]))[0, -1].clone()
+            for t in set(ids):  # repetition: prompt and output tokens
+                logits[t] = logits[t] / pen if logits[t] > 0 else logits[t] * pen
+            for t in set(ref):  # presence: output tokens only
+                logits[t] -= 0.5
+            ref.append(int(logits.argmax()))
+            ids.append(ref[-1])
+    assert out.outputs[0].token_ids == ref
+    plain = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=10, ignore_eos=True))[0]
+    assert plain.outputs[0].token_ids != ref  # the penalties changed something
+
+
+def test_min_tokens_holds_off_the_stop_token(llm, tiny_model, tok):
+    prompt = tok.encode("x", bos=True)
+    first = llm.generate({"prompt_token_ids": prompt}, SamplingParams(temperature=0, max_tokens=1))[0].outputs[0].token_ids[0]
+    # make the greedy first token a stop token: without min_tokens it ends at once
+    p = SamplingParams(temperature=0, max_tokens=5, stop_token_ids=[first])
+    assert llm.generate({"prompt_token_ids": prompt}, p)[0].outputs[0].token_ids == [first]
+    p = SamplingParams(temperature=0, max_tokens=5, stop_token_ids=[first], min_tokens=3)
+    got = llm.generate({"prompt_token_ids": prompt}, p)[0].outputs[0].token_ids
+    assert len(got) >= 3 and first not in got[:3]

@@ -339,45 +339,22 @@ class Engine:
         return d
 
     def _sample(self, seqs: list[Sequence], logits: torch.Tensor):
-        """Penalties → temperature → min_p/top_k/top_p → sample; logprobs from the raw logits."""
-        raw = logits
+        """min_tokens → penalties → temperature → min_p/top_k/top_p → draw; logprobs from the raw logits."""
         params = [s.request.params for s in seqs]
-        logits = logits.clone()
-        # min_tokens: the model may not stop before it has produced that many.
-        for i, (s, p) in enumerate(zip(seqs, params)):
-            if len(s.output_ids) < p.min_tokens:
-                stops = set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(self.stop_ids))
-                if stops:
-                    logits[i, list(stops)] = float("-inf")
-        if any(p.repetition_penalty != 1.0 or p.presence_penalty or p.frequency_penalty for p in params):
+        stops = [set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(self.stop_ids)) for p in params]
+        biased = sampling.apply_min_tokens(logits, [len(s.output_ids) for s in seqs], [p.min_tokens for p in params], stops)
+        tensors = sampling.SamplingTensors.from_params(params, logits.device)
+        counts = prompt_mask = None
+        if not tensors.no_penalties:
             V = logits.shape[-1]
-            counts = torch.zeros((len(seqs), V), dtype=torch.long, device=logits.device)
-            prompt_mask = torch.zeros((len(seqs), V), dtype=torch.bool, device=logits.device)
-            for i, s in enumerate(seqs):
-                if s.output_ids:
-                    counts[i] = torch.bincount(torch.tensor(s.output_ids, device=logits.device), minlength=V)[:V]
-                prompt_mask[i, s.request.prompt_token_ids] = True
-            f = lambda name: torch.tensor([getattr(p, name) for p in params], dtype=torch.float32, device=logits.device)  # noqa: E731
-            logits = sampling.apply_penalties(logits, counts, prompt_mask, f("repetition_penalty"),
-                                              f("presence_penalty"), f("frequency_penalty"))
-        greedy = [p.is_greedy for p in params]
-        temps = torch.tensor([1.0 if g else p.temperature for g, p in zip(greedy, params)],
-                             dtype=torch.float32, device=logits.device)
-        logits = logits / temps[:, None]
-        if any(not g and (p.top_k not in (0, -1) or p.top_p < 1.0 or p.min_p > 0.0) for g, p in zip(greedy, params)):
-            top_k = torch.tensor([0 if (g or p.top_k in (0, -1)) else p.top_k for g, p in zip(greedy, params)],
-                                 device=logits.device)
-            top_p = torch.tensor([1.0 if g else p.top_p for g, p in zip(greedy, params)], device=logits.device)
-            min_p = torch.tensor([0.0 if g else p.min_p for g, p in zip(greedy, params)], device=logits.device)
-            logits = sampling.apply_top_k_top_p_min_p(logits, top_k, top_p, min_p)
-        sample_t = torch.tensor([0.0 if g else 1.0 for g in greedy], device=logits.device)
-        tokens = sampling.sample(logits, sample_t, [s.generator for s in seqs])
+            counts = sampling.token_counts([s.output_ids for s in seqs], V, logits.device)
+            prompt_mask = sampling.token_counts([s.request.prompt_token_ids for s in seqs], V, logits.device) > 0
+        tokens = sampling.sample_tokens(biased, tensors, [s.generator for s in seqs], counts, prompt_mask)
         lp = None
         if any(p.logprobs is not None for p in params):
             k = max(p.logprobs or 0 for p in params)
-            chosen, top_ids, top_lp = sampling.compute_logprobs(raw, tokens, k)
-            ranks = self._ranks(raw, tokens)
-            lp = (chosen, top_ids, top_lp, ranks)
+            chosen, top_ids, top_lp = sampling.compute_logprobs(logits, tokens, k)
+            lp = (chosen, top_ids, top_lp, self._ranks(logits, tokens))
         return tokens.tolist(), lp
 
     def _append(self, seq: Sequence, tok: int, lp) -> SeqUpdate:

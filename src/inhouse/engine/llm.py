@@ -184,7 +184,7 @@ class LLM:
         try:
             while not req.finished:
                 for u in self.engine.step():
-                    if u.seq.request is req and (u.new_text or u.finished):
+                    if u.seq.request is req:
                         yield StreamDelta(u.seq.index, u.new_text, u.new_token_ids,
                                           u.seq.finish_reason if u.finished else None,
                                           u.seq.stop_reason if u.finished else None)
