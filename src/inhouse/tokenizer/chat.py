@@ -13,6 +13,7 @@ control tokens are meant) separately from the messages' text.
 
 from __future__ import annotations
 
+import re
 import secrets
 from typing import Any, Optional
 
@@ -76,6 +77,12 @@ class ChatRenderer:
         return parse_assistant_output(text, ended_with_eom=ended_with_eom)
 
     # ------------------------------------------------------------------ jinja
+    def _special_re(self):
+        if getattr(self, "_special_pattern", None) is None:
+            names = sorted(self.tokenizer.special_tokens, key=len, reverse=True)
+            self._special_pattern = re.compile("|".join(re.escape(n) for n in names) if names else r"(?!)")
+        return self._special_pattern
+
     def _encode_template(self, messages, tools, add_generation_prompt, kwargs) -> list[int]:
         tok = self.tokenizer
         inv = {v: k for k, v in tok.special_tokens.items()}
@@ -93,30 +100,54 @@ class ChatRenderer:
         masked = [_mask_message(m, hole) for m in messages]
         rendered = render_chat_template(self.template, masked, add_generation_prompt=add_generation_prompt,
                                         tools=tools, bos_token=bos, eos_token=eos, **kwargs)
-        ids: list[int] = []
+        # Walk the rendered text: the template's own text may hold control tokens (split there and
+        # emit their ids); message text is joined to the surrounding plain text and encoded with
+        # control tokens disabled. Splitting only at control tokens is what the tokenizers do
+        # themselves, so ordinary text gets exactly the ids of encoding the whole prompt.
+        special_re = self._special_re()
+        items: list = []  # str pieces to encode as plain text, or int control-token ids
         pos = 0
-        used = set()
+
+        def add_template_text(t: str) -> None:
+            last = 0
+            for m in special_re.finditer(t):
+                items.append(t[last:m.start()])
+                items.append(tok.special_tokens[m.group(0)])
+                last = m.end()
+            items.append(t[last:])
+
         while True:
             start = rendered.find(f"\x00{tag}:", pos)
             if start == -1:
                 break
             end = rendered.index("\x00", start + 1)
             idx = int(rendered[start + len(tag) + 2:end])
-            ids += tok.encode(rendered[pos:start], allow_special=True)
-            ids += tok.encode(texts[idx])
-            used.add(idx)
+            add_template_text(rendered[pos:start])
+            items.append(texts[idx])
             pos = end + 1
-        ids += tok.encode(rendered[pos:], allow_special=True)
-        if len(used) != len([t for t in texts if t]):
-            # The template transformed message text (so placeholders did not survive): render the real
-            # text, refusing text that would turn into control tokens.
-            real = render_chat_template(self.template, messages, add_generation_prompt=add_generation_prompt,
-                                        tools=tools, bos_token=bos, eos_token=eos, **kwargs)
+        add_template_text(rendered[pos:])
+        ids: list[int] = []
+        buf: list[str] = []
+        for it in items + [None]:
+            if isinstance(it, str):
+                buf.append(it)
+                continue
+            if buf and "".join(buf):
+                ids += tok.encode("".join(buf))
+            buf = []
+            if it is not None:
+                ids.append(it)
+        real = render_chat_template(self.template, messages, add_generation_prompt=add_generation_prompt,
+                                    tools=tools, bos_token=bos, eos_token=eos, **kwargs)
+        if "".join(t if isinstance(t, str) else inv[t] for t in items) != real:
+            # The template transformed message text (trim, slicing...), so the placeholders do not stand
+            # for it exactly: encode the real rendering, refusing text that would become control tokens.
             for m in messages:
                 for t in _message_texts(m):
-                    for special in tok.special_tokens:
-                        if special in t:
-                            raise TokenizerError(f"message text contains the control token {special!r}; it cannot be sent safely with this template")
+                    hit = special_re.search(t)
+                    if hit:
+                        raise TokenizerError(f"message text contains the control token {hit.group(0)!r}; "
+                                             "this chat template cannot carry it safely")
             ids = tok.encode(real, allow_special=True)
         return ids
 
