@@ -15,8 +15,8 @@ from typing import Any, Iterator
 import torch
 from safetensors import safe_open
 
-from inhouse.config import ConfigError, ModelArgs
-from inhouse.weights.names import HF_PERMUTED, HF_TO_META, WeightsError, remap, unpermute_hf_qk
+from inhouse.config import ModelArgs
+from inhouse.weights.names import read_json_args, HF_PERMUTED, HF_TO_META, WeightsError, remap, unpermute_hf_qk
 
 INDEX_NAME = "model.safetensors.index.json"
 _MAX_HEADER = 100 * 1024 * 1024  # the safetensors format's own limit
@@ -78,18 +78,7 @@ def read_config(root: str) -> ModelArgs:
     Raises:
         WeightsError: the file is missing, not JSON, or not a supported Llama config.
     """
-    path = os.path.join(root, "config.json")
-    try:
-        with open(path) as f:
-            config = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: cannot read config.json: {e}") from e
-    if not isinstance(config, dict):
-        raise WeightsError(f"{path}: expected a JSON object, got {type(config).__name__}")
-    try:
-        return ModelArgs.from_hf_config(config)
-    except (ConfigError, KeyError, TypeError, ValueError) as e:
-        raise WeightsError(f"{path}: {str(e).removeprefix('config.json: ')}") from e
+    return read_json_args(root, "config.json", ModelArgs.from_hf_config)
 
 
 def weight_files(root: str) -> dict[str, str]:

@@ -6,15 +6,14 @@ tensor at a time along the split dimension in `names.META_SHARD_DIM`.
 
 from __future__ import annotations
 
-import json
 import os
 import re
 from typing import Iterator
 
 import torch
 
-from inhouse.config import ConfigError, ModelArgs
-from inhouse.weights.names import META_IGNORED, WeightsError, meta_shard_dim
+from inhouse.config import ModelArgs
+from inhouse.weights.names import read_json_args, META_IGNORED, WeightsError, meta_shard_dim
 
 _SHARD = re.compile(r"^consolidated\.(\d+)\.pth$")
 
@@ -25,18 +24,7 @@ def read_params(root: str) -> ModelArgs:
     Raises:
         WeightsError: the file is missing, not JSON, or holds keys/values we do not support.
     """
-    path = os.path.join(root, "params.json")
-    try:
-        with open(path) as f:
-            params = json.load(f)
-    except (OSError, json.JSONDecodeError) as e:
-        raise WeightsError(f"{path}: cannot read params.json: {e}") from e
-    if not isinstance(params, dict):
-        raise WeightsError(f"{path}: expected a JSON object, got {type(params).__name__}")
-    try:
-        return ModelArgs.from_meta_params(params)
-    except (ConfigError, KeyError, TypeError, ValueError) as e:
-        raise WeightsError(f"{path}: {str(e).removeprefix('params.json: ')}") from e
+    return read_json_args(root, "params.json", ModelArgs.from_meta_params)
 
 
 def list_shards(root: str) -> list[str]:

@@ -7,8 +7,10 @@ are mapped into them here; a name that no table knows is an error. Layer-indexed
 
 from __future__ import annotations
 
+import json
+import os
 import re
-from typing import Mapping, Optional
+from typing import Any, Callable, Mapping, Optional
 
 import torch
 
@@ -145,3 +147,25 @@ __all__ = [
     "WeightsError", "ROPE_FREQS", "META_SHARD_DIM", "META_IGNORED", "HF_TO_META", "GGUF_TO_META",
     "HF_PERMUTED", "remap", "meta_shard_dim", "unpermute_hf_qk",
 ]
+
+
+def read_json_args(root: str, filename: str, build: Callable[[dict], Any]) -> Any:
+    """Read ``root/filename`` (params.json / config.json) and build `ModelArgs` from it.
+
+    Raises:
+        WeightsError: the file is missing, not a JSON object, or not a supported configuration.
+    """
+    from inhouse.config import ConfigError
+
+    path = os.path.join(root, filename)
+    try:
+        with open(path) as f:
+            data = json.load(f)
+    except (OSError, json.JSONDecodeError) as e:
+        raise WeightsError(f"{path}: cannot read {filename}: {e}") from e
+    if not isinstance(data, dict):
+        raise WeightsError(f"{path}: expected a JSON object, got {type(data).__name__}")
+    try:
+        return build(data)
+    except (ConfigError, KeyError, TypeError, ValueError) as e:
+        raise WeightsError(f"{path}: {str(e).removeprefix(filename + ': ')}") from e
