@@ -3,6 +3,10 @@
     inhouse generate [MODEL] PROMPT     stream one answer (chat format applied unless --raw)
     inhouse chat [MODEL]                talk interactively
     inhouse info MODEL                  what a model is and what it needs
+    inhouse bench [MODEL]               speed against llama.cpp and transformers, one table
+    inhouse serve [MODEL]               OpenAI-compatible server and web chat page
+    inhouse finetune [MODEL] --data F   fine-tune (LoRA, QLoRA, full) on chat JSONL
+    inhouse merge MODEL ADAPTER --out D fold a LoRA adapter in, write HF safetensors
 
 MODEL: a model directory (Meta or HF layout), a .gguf file, a preset, or random:PRESET;
 omitted, the embedded SmolLM2-135M-Instruct.
@@ -28,6 +32,9 @@ def _add_model_args(p: argparse.ArgumentParser) -> None:
                    help="Llama 3.1 native format or the model's jinja template (default: auto)")
     p.add_argument("--chat-template", default=None, metavar="FILE", help="a jinja chat template file to use instead")
     p.add_argument("--seed", type=int, default=None, help="sampling seed (reproducible output)")
+    p.add_argument("--quantize", default="auto", choices=["auto", "none", "int8", "int4"],
+                   help="weight-only quantization: auto = int4/int8 for quantized GGUF files (default: auto)")
+    p.add_argument("--compile", action="store_true", help="compile the decode step (slow first start, cached)")
 
 
 def _add_sampling_args(p: argparse.ArgumentParser, temperature: float) -> None:
@@ -60,6 +67,7 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--json", action="store_true", help="print one JSON object instead of streaming text")
     _add_model_args(g)
     _add_sampling_args(g, temperature=0.0)
+    g.add_argument("--adapter", default=None, metavar="DIR", help="apply a LoRA adapter (PEFT format), unmerged")
     g.set_defaults(func=cmd_generate)
 
     c = sub.add_parser("chat", help="talk to a model interactively", parents=[common])
@@ -67,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     c.add_argument("--system", default=None, help="system prompt")
     _add_model_args(c)
     _add_sampling_args(c, temperature=0.0)
+    c.add_argument("--adapter", default=None, metavar="DIR", help="apply a LoRA adapter (PEFT format), unmerged")
     c.set_defaults(func=cmd_chat)
 
     i = sub.add_parser("info", help="describe a model: format, architecture, size, memory needed", parents=[common])
@@ -75,6 +84,36 @@ def build_parser() -> argparse.ArgumentParser:
     i.add_argument("--dtype", default="auto")
     i.add_argument("--max-model-len", type=int, default=None)
     i.set_defaults(func=cmd_info)
+
+    b = sub.add_parser("bench", help="speed against llama.cpp and transformers on one model", parents=[common])
+    b.add_argument("model", nargs="?", default=None)
+    b.add_argument("--precisions", default="int4,int8,bf16,fp32",
+                   help="inhouse runs, comma-separated (int4,int8,bf16,fp32)")
+    b.add_argument("--peers", default="llamacpp,transformers", help="peers, comma-separated, or none")
+    b.add_argument("--peer-python", default=None, help="interpreter with llama-cpp-python (default: /work/peers/bin/python)")
+    b.add_argument("--prompt-len", type=int, default=512)
+    b.add_argument("--decode-len", type=int, default=128)
+    b.add_argument("--batch", type=int, default=8, help="sequences in the batched decode run (1 to skip)")
+    b.add_argument("--compile", action="store_true", help="inhouse runs with the compiled decode step")
+    b.set_defaults(func=cmd_bench)
+
+    s = sub.add_parser("serve", help="OpenAI-compatible server with a web chat page", parents=[common])
+    s.add_argument("model", nargs="?", default=None)
+    s.add_argument("--host", default="127.0.0.1", help="address to bind (default: 127.0.0.1, this machine only)")
+    s.add_argument("--port", type=int, default=8000)
+    s.add_argument("--api-key-file", default=None, metavar="FILE", help="accepted keys, one per line ('KEY' or 'NAME KEY')")
+    s.add_argument("--max-num-seqs", type=int, default=16, help="sequences decoded together (default: 16)")
+    s.add_argument("--max-queue", type=int, default=64, help="sequences that may wait beyond those; more get HTTP 429")
+    s.add_argument("--kv-cache-memory", default=None, metavar="SIZE",
+                   help="KV cache budget, e.g. 2GiB: caps --max-num-seqs so that every row fits its full context")
+    s.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take (0: no limit)")
+    s.add_argument("--served-model-name", action="append", default=None, help="name clients use (repeatable)")
+    _add_model_args(s)
+    s.set_defaults(func=cmd_serve)
+
+    from inhouse.finetune.cli import add_parsers as add_finetune_parsers  # finetune, merge
+
+    add_finetune_parsers(sub, common)
     return parser
 
 
@@ -99,7 +138,8 @@ def _open_llm(model: Optional[str], a: argparse.Namespace):
         except OSError as e:
             raise ValueError(f"--chat-template {a.chat_template}: {e.strerror}") from None
     return LLM(model, dtype=a.dtype, max_model_len=a.max_model_len, seed=a.seed or 0,
-               chat_format=a.chat_format, chat_template=template)
+               quantize=a.quantize, compile=a.compile,
+               chat_format=a.chat_format, chat_template=template, adapter=getattr(a, "adapter", None))
 
 
 def cmd_generate(a: argparse.Namespace) -> int:
@@ -315,6 +355,28 @@ def cmd_info(a: argparse.Namespace) -> int:
     print(f"memory needed   {_fmt_bytes(need)} to run in {data['run_dtype']} with a {ctx:,}-token context "
           f"(KV cache {_fmt_bytes(kv)})")
     return 0
+
+
+def cmd_bench(a: argparse.Namespace) -> int:
+    from inhouse.bench import DEFAULT_PEER_PYTHON, run_bench
+
+    precisions = [p for p in a.precisions.split(",") if p]
+    bad = [p for p in precisions if p not in ("int4", "int8", "bf16", "fp32")]
+    if bad:
+        raise ValueError(f"--precisions: unknown {bad[0]!r}; use int4, int8, bf16, fp32")
+    peers = [] if a.peers == "none" else [p for p in a.peers.split(",") if p]
+    bad = [p for p in peers if p not in ("llamacpp", "transformers")]
+    if bad:
+        raise ValueError(f"--peers: unknown {bad[0]!r}; use llamacpp, transformers or none")
+    run_bench(a.model, precisions=precisions, peers=peers, peer_python=a.peer_python or DEFAULT_PEER_PYTHON,
+              prompt_len=a.prompt_len, decode_len=a.decode_len, batch=a.batch, compile=a.compile)
+    return 0
+
+
+def cmd_serve(a: argparse.Namespace) -> int:
+    from inhouse.server.cli import run_serve
+
+    return run_serve(a)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:

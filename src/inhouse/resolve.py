@@ -118,10 +118,47 @@ class LoadedModel:
     dtype: torch.dtype
     source: str  # "meta" | "hf" | "gguf" | "random"
     path: Optional[str]
+    quantize: str = "none"  # "none" | "int8": how the linears are stored (see inhouse.model.quant)
+
+
+QUANTIZE_CHOICES = ("auto", "none", "int8", "int4")
+_FOUR_BIT = ("Q4_0", "Q4_1", "Q4_K")
+_FLOAT_STORAGE = ("F32", "F16", "BF16", "float32", "float16", "bfloat16")
+
+
+def resolve_quantize(quantize: Optional[str], dtype: torch.dtype, requested_dtype, stored: str) -> str:
+    """Which weight quantization to run with.
+
+    "auto" keeps quantized checkpoints quantized: a GGUF file whose matrices are stored in a
+    4-bit ggml type (Q4_0, Q4_1, Q4_K) runs with int4 weights (groups of 32, like the file's
+    blocks), one in another quantized type (Q5, Q6, Q8) with int8 weights — unless a dtype was
+    asked for explicitly (float32 is the exact reference path, bfloat16 the unquantized one).
+    Float checkpoints run unquantized unless "int8" or "int4" is asked for.
+
+    Raises:
+        QuantizeError (a ValueError): unknown value, or int8/int4 with a dtype other than bfloat16.
+    """
+    from inhouse.model.quant import QuantizeError
+
+    q = "auto" if quantize is None else str(quantize).lower()
+    if q not in QUANTIZE_CHOICES:
+        raise QuantizeError(f"quantize={quantize!r} is not supported; use one of {', '.join(QUANTIZE_CHOICES)}")
+    if q == "auto":
+        stored_types = [t.split(" x")[0].strip() for t in stored.removeprefix("mixed: ").split(",")]
+        quantized_file = any(t and t not in _FLOAT_STORAGE for t in stored_types)
+        explicit_dtype = requested_dtype not in (None, "auto")
+        if not quantized_file or dtype != torch.bfloat16 or explicit_dtype:
+            return "none"
+        return "int4" if any(t in _FOUR_BIT for t in stored_types) else "int8"
+    if q in ("int8", "int4") and dtype != torch.bfloat16:
+        raise QuantizeError(f"quantize={q} runs with bfloat16 activations, but dtype is "
+                            f"{str(dtype).removeprefix('torch.')}; use dtype=bfloat16 (or auto)")
+    return q
 
 
 def open_model(model: Optional[str] = None, *, dtype: Union[str, torch.dtype, None] = "auto",
-               seed: int = 0, max_model_len: Optional[int] = None, tokenizer: Optional[str] = None) -> LoadedModel:
+               seed: int = 0, max_model_len: Optional[int] = None, tokenizer: Optional[str] = None,
+               quantize: Optional[str] = "auto") -> LoadedModel:
     """Load a model and its tokenizer from a MODEL argument.
 
     Args:
@@ -130,10 +167,14 @@ def open_model(model: Optional[str] = None, *, dtype: Union[str, torch.dtype, No
         seed: seed of the random weights of ``random:PRESET`` models.
         max_model_len: context the caller will use (for the memory estimate).
         tokenizer: a directory holding a tokenizer to use instead of the model's own.
+        quantize: "auto", "none" or "int8" weight-only quantization (see `resolve_quantize`);
+            "auto" runs quantized GGUF files (the embedded model too) with int8 weights.
 
     Raises:
-        ModelNotFoundError, WeightsError, TokenizerError, ConfigError (all ValueError).
+        ModelNotFoundError, WeightsError, TokenizerError, ConfigError, QuantizeError (all ValueError).
     """
+    from inhouse.model.quant import quantize_model
+
     from inhouse.weights import inspect_checkpoint, load_model, random_model
 
     spec = parse_model_spec(model)
@@ -144,13 +185,20 @@ def open_model(model: Optional[str] = None, *, dtype: Union[str, torch.dtype, No
         )
     if spec.kind == "random":
         torch_dtype = resolve_dtype(dtype, "float32")
-        net = random_model(spec.preset, seed=seed, dtype=torch_dtype)
+        q = resolve_quantize(quantize, torch_dtype, dtype, "float32")
+        net = random_model(spec.preset, seed=seed, dtype=torch.float32 if q != "none" else torch_dtype)
+        net = quantize_model(net, q, dtype=torch_dtype)
         tok = load_tokenizer(tokenizer) if tokenizer else preset_tokenizer(spec.preset)
-        return LoadedModel(spec.name, net, tok, net.args, torch_dtype, "random", None)
+        return LoadedModel(spec.name, net, tok, net.args, torch_dtype, "random", None, quantize=q)
 
     info = inspect_checkpoint(spec.path)
     torch_dtype = resolve_dtype(dtype, info.stored_dtype)
-    net, info = load_model(info, dtype=torch_dtype, max_seq_len_for_estimate=max_model_len)
+    q = resolve_quantize(quantize, torch_dtype, dtype, info.stored_dtype)
+    # Quantized runs read the file in fp32 and quantize from there (exact for GGUF Q4 blocks); the
+    # fp32 copy of each matrix is dropped as its quantized module replaces it.
+    net, info = load_model(info, dtype=torch.float32 if q != "none" else torch_dtype,
+                           max_seq_len_for_estimate=max_model_len)
+    quantize_model(net, q, dtype=torch_dtype)
     if tokenizer:
         tok = load_tokenizer(tokenizer)
     elif info.format == "gguf":
@@ -161,4 +209,4 @@ def open_model(model: Optional[str] = None, *, dtype: Union[str, torch.dtype, No
         raise ValueError(
             f"{info.path}: the tokenizer has {tok.vocab_size} ids but the model's vocabulary has {info.args.vocab_size}"
         )
-    return LoadedModel(spec.name, net, tok, info.args, torch_dtype, info.format, info.path)
+    return LoadedModel(spec.name, net, tok, info.args, torch_dtype, info.format, info.path, quantize=q)

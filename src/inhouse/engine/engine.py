@@ -110,10 +110,12 @@ class Engine:
         max_num_seqs: sequences decoded together (cache rows).
         max_num_batched_tokens: token budget of one step (bounds prefill chunk size).
         seed: seeds the generators of requests that bring no seed of their own.
+        compile: run decode steps through `inhouse.engine.compile.compile_decode` (opt-in).
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_model_len: int,
-                 max_num_seqs: int = 8, max_num_batched_tokens: int = 2048, seed: int = 0):
+                 max_num_seqs: int = 8, max_num_batched_tokens: int = 2048, seed: int = 0,
+                 compile: bool = False):
         if max_model_len < 2:
             raise EngineError(f"max_model_len={max_model_len} must be at least 2")
         self.model = model
@@ -132,6 +134,11 @@ class Engine:
         self._free_slots = list(range(max_num_seqs))
         self.caches = model.new_caches(max_num_seqs, min(max_model_len, 256))
         self.device = model.tok_embeddings.weight.device
+        self._decode_model = model
+        if compile:
+            from inhouse.engine.compile import compile_decode
+
+            self._decode_model = compile_decode(model)
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, *,
@@ -270,7 +277,8 @@ class Engine:
         start = torch.tensor([s.num_computed for s in seqs], device=self.device)
         pos = start[:, None] + torch.arange(k, device=self.device)  # (B, k)
         rows = torch.tensor([s.slot for s in seqs], device=self.device)
-        logits = self.model(tokens, input_pos=pos, caches=self.caches, last_only=not want_all, cache_rows=rows)
+        model = self._decode_model if k == 1 and not want_all else self.model
+        logits = model(tokens, input_pos=pos, caches=self.caches, last_only=not want_all, cache_rows=rows)
         for s in seqs:
             s.num_computed += k
         return logits

@@ -50,6 +50,10 @@ class LLM:
         chat_format: "auto", "llama3" (native Llama 3.1) or "template" (the model's jinja template).
         chat_template: a jinja chat template to use instead of the model's own.
         tokenizer: a directory with a tokenizer to use instead of the model's own.
+        quantize: "auto" (int8 weights for quantized GGUF files), "none" or "int8".
+        compile: compile the decode step with torch.compile (slow first start, cached after).
+        adapter: a LoRA adapter directory (PEFT format) applied, unmerged, to every request that names
+            no other (`lora_request=LoRARequest(name, id, path)` on generate/chat/stream).
 
     Raises:
         ValueError (its subclasses) for a model that cannot be found, read or fit in memory.
@@ -58,29 +62,34 @@ class LLM:
     def __init__(self, model: Optional[str] = None, *, dtype: str = "auto", max_model_len: Optional[int] = None,
                  seed: int = 0, max_num_seqs: int = 8, chat_format: str = "auto",
                  chat_template: Optional[str] = None, tokenizer: Optional[str] = None,
-                 max_num_batched_tokens: int = 2048, **ignored: Any):
+                 max_num_batched_tokens: int = 2048, quantize: Optional[str] = "auto", compile: bool = False,
+                 adapter: Optional[str] = None, **ignored: Any):
         for k in ignored:
             logger.info("LLM(%s=...) is a vLLM option inhouse does not use; ignored", k)
-        loaded = open_model(model, dtype=dtype, seed=seed, max_model_len=max_model_len, tokenizer=tokenizer)
+        loaded = open_model(model, dtype=dtype, seed=seed, max_model_len=max_model_len, tokenizer=tokenizer,
+                            quantize=quantize)
         self._setup(loaded, max_model_len=max_model_len, seed=seed, max_num_seqs=max_num_seqs,
                     chat_format=chat_format, chat_template=chat_template,
-                    max_num_batched_tokens=max_num_batched_tokens)
+                    max_num_batched_tokens=max_num_batched_tokens, compile=compile)
+        if adapter:
+            self._use_adapter(None, default=adapter)
 
     @classmethod
     def from_model(cls, model, tokenizer, *, name: str = "model", max_model_len: Optional[int] = None,
                    seed: int = 0, max_num_seqs: int = 8, chat_format: str = "auto",
-                   chat_template: Optional[str] = None, max_num_batched_tokens: int = 2048) -> "LLM":
+                   chat_template: Optional[str] = None, max_num_batched_tokens: int = 2048,
+                   compile: bool = False) -> "LLM":
         """Wrap an already-built `Transformer` and `Tokenizer` (no loading)."""
         self = cls.__new__(cls)
         dtype = model.tok_embeddings.weight.dtype
         loaded = LoadedModel(name, model, tokenizer, model.args, dtype, "memory", None)
         self._setup(loaded, max_model_len=max_model_len, seed=seed, max_num_seqs=max_num_seqs,
                     chat_format=chat_format, chat_template=chat_template,
-                    max_num_batched_tokens=max_num_batched_tokens)
+                    max_num_batched_tokens=max_num_batched_tokens, compile=compile)
         return self
 
     def _setup(self, loaded: LoadedModel, *, max_model_len, seed, max_num_seqs, chat_format, chat_template,
-               max_num_batched_tokens) -> None:
+               max_num_batched_tokens, compile: bool = False) -> None:
         self.loaded = loaded
         args = loaded.args
         if max_model_len is None:
@@ -92,11 +101,26 @@ class LLM:
         self.tokenizer = loaded.tokenizer
         self.chat_renderer = ChatRenderer(self.tokenizer, mode=chat_format, template=chat_template)
         self.engine = Engine(self.model, self.tokenizer, max_model_len=max_model_len, max_num_seqs=max_num_seqs,
-                             max_num_batched_tokens=max_num_batched_tokens, seed=seed)
+                             max_num_batched_tokens=max_num_batched_tokens, seed=seed, compile=compile)
         # The chat format may end turns with more tokens than the tokenizer's EOS (Llama 3.1: eot + eom).
         self.engine.stop_ids = frozenset(self.engine.stop_ids | self.chat_renderer.stop_ids)
 
     # ------------------------------------------------------------------ helpers
+    def _use_adapter(self, lora_request: Any, default: Optional[str] = None) -> None:
+        """Activate the LoRA adapter of a call (a `LoRARequest`, one per prompt, or None: the default).
+
+        One adapter runs per batch (see `inhouse.finetune.adapters.AdapterSwitch`)."""
+        switch = getattr(self, "_adapters", None)
+        if lora_request is None and switch is None and default is None:
+            return
+        from inhouse.finetune.adapters import AdapterSwitch
+
+        if switch is None:
+            switch = self._adapters = AdapterSwitch(self.model)
+        if default is not None:
+            switch.default = default
+        switch.for_requests(lora_request, busy=self.engine.has_unfinished())
+
     def get_tokenizer(self):
         """The tokenizer (``encode(text)`` / ``decode(ids)``)."""
         return self.tokenizer
@@ -138,7 +162,7 @@ class LLM:
     # ------------------------------------------------------------------ public API
     def generate(self, prompts: Union[PromptType, Sequence[PromptType]],
                  sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
-                 use_tqdm: bool = False) -> list[RequestOutput]:
+                 use_tqdm: bool = False, lora_request: Any = None) -> list[RequestOutput]:
         """Complete each prompt. Prompts: strings, ``{"prompt_token_ids": [...]}`` dicts, or a list of them.
 
         Returns one `RequestOutput` per prompt, in order. Raises `ContextLengthError` (a ValueError)
@@ -147,12 +171,14 @@ class LLM:
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         items = [self._to_ids(p) for p in prompts]
+        self._use_adapter(lora_request)
         return self._run(items, self._params_list(sampling_params, len(items)))
 
     def chat(self, messages: Union[list[dict], list[list[dict]]],
              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
              use_tqdm: bool = False, *, tools: Optional[list[dict]] = None, add_generation_prompt: bool = True,
-             chat_template: Optional[str] = None, **template_kwargs: Any) -> list[RequestOutput]:
+             chat_template: Optional[str] = None, lora_request: Any = None,
+             **template_kwargs: Any) -> list[RequestOutput]:
         """Reply to one conversation (list of message dicts) or several (list of lists).
 
         Llama 3.x models use the native Llama 3.1 format (with `tools`); other models their
@@ -162,6 +188,7 @@ class LLM:
         renderer = self.chat_renderer if chat_template is None else ChatRenderer(self.tokenizer, template=chat_template)
         items = [(None, renderer.encode(c, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs))
                  for c in convs]
+        self._use_adapter(lora_request)
         return self._run(items, self._params_list(sampling_params, len(items)))
 
     def parse_reply(self, text: str, ended_with_eom: bool = False):
@@ -169,7 +196,7 @@ class LLM:
         return self.chat_renderer.parse(text, ended_with_eom=ended_with_eom)
 
     def stream(self, prompt: Union[PromptType, list[dict]], sampling_params: Optional[SamplingParams] = None, *,
-               tools: Optional[list[dict]] = None) -> Iterator[StreamDelta]:
+               tools: Optional[list[dict]] = None, lora_request: Any = None) -> Iterator[StreamDelta]:
         """Generate for one prompt (or one conversation: a list of message dicts), yielding text as it comes.
 
         The generator can be closed early (e.g. Ctrl-C in the CLI): the request is cancelled and its
@@ -180,6 +207,7 @@ class LLM:
             text, ids = None, self.chat_renderer.encode(prompt, tools=tools)
         else:
             text, ids = self._to_ids(prompt)
+        self._use_adapter(lora_request)
         req = self.engine.add_request(ids, params, prompt=text)
         try:
             while not req.finished:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 
@@ -27,34 +27,58 @@ class KVCache(torch.nn.Module):
         shape = (batch_size, n_kv_heads, max_len, head_dim)  # (B, K, S, hd)
         self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
         self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("_arange", torch.arange(batch_size, device=device), persistent=False)
 
     @property
     def batch_size(self) -> int:
         return self.k.shape[0]
 
+    def rows_index(self, batch: int, rows: Optional[torch.Tensor]) -> Union[slice, torch.Tensor]:
+        """The cache rows of a batch of `batch` sequences, as a slice when they are contiguous.
+
+        Args:
+            batch: B, the number of sequences in the forward pass.
+            rows: (B,) cache rows, or None for rows 0..B-1.
+
+        Returns:
+            ``slice(first, first + B)`` (reads are then views, no copy) or the (B,) tensor.
+        """
+        if rows is None:
+            return slice(0, batch)
+        first = int(rows[0])
+        if batch == 1 or rows.tolist() == list(range(first, first + batch)):
+            return slice(first, first + batch)
+        return rows
+
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
-               n_slots: Optional[int] = None, rows: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               n_slots: Optional[int] = None,
+               rows: Union[slice, torch.Tensor, None] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new keys/values and return the cache's first `n_slots` positions.
 
         Args:
             input_pos: (B, T) positions of the new entries.
             k, v: (B, K, T, hd) new keys and values.
             n_slots: how many leading positions to return (default: all).
-            rows: (B,) cache rows the batch rows map to (default: rows 0..B-1).
+            rows: the cache rows of the batch rows: a slice (see `rows_index`) or a (B,)
+                tensor (default: rows 0..B-1).
 
         Returns:
-            (k, v), each (B, K, n_slots, hd): views when `rows` is a contiguous range.
+            (k, v), each (B, K, n_slots, hd): views when `rows` is a slice.
         """
         B = k.shape[0]
         if rows is None:
-            rows = torch.arange(B, device=k.device)
-        # Advanced indices around a slice put the indexed dims first: target is (B, T, K, hd).
-        self.k[rows[:, None], :, input_pos] = k.transpose(1, 2).to(self.k.dtype)
-        self.v[rows[:, None], :, input_pos] = v.transpose(1, 2).to(self.v.dtype)
+            rows = slice(0, B)
         n = self.max_len if n_slots is None else n_slots
-        first = int(rows[0])
-        if B == 1 or bool((rows == torch.arange(first, first + B, device=rows.device)).all()):
-            return self.k[first:first + B, :, :n], self.v[first:first + B, :, :n]  # views, no copy
+        if isinstance(rows, slice):
+            ck, cv = self.k[rows], self.v[rows]  # (B, K, max_len, hd) views
+            b = self._arange[:B, None]  # (B, 1)
+        else:
+            ck, cv, b = self.k, self.v, rows[:, None]
+        # Advanced indices around a slice put the indexed dims first: target is (B, T, K, hd).
+        ck[b, :, input_pos] = k.transpose(1, 2).to(ck.dtype)
+        cv[b, :, input_pos] = v.transpose(1, 2).to(cv.dtype)
+        if isinstance(rows, slice):
+            return ck[:, :, :n], cv[:, :, :n]  # views, no copy
         return self.k[rows, :, :n], self.v[rows, :, :n]  # gather (copies) for scattered rows
 
     def grow(self, max_len: int) -> None:

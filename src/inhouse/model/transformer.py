@@ -30,9 +30,7 @@ class RMSNorm(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         # Normalize in fp32, then cast back before the weight (as Meta and HF do).
-        xf = x.float()
-        xf = xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * xf.type_as(x)
+        return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
 
 
 def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[RopeScaling]) -> torch.Tensor:
@@ -61,18 +59,51 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
     return angles.cos(), angles.sin()
 
 
-def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+def rope_rotation(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
+    """cos + i·sin of the rotation angles, (B, T, 1, hd/2) complex64 (Meta's ``freqs_cis``)."""
+    cos, sin = rope_cos_sin(positions, inv_freq)
+    return torch.complex(cos, sin)[:, :, None, :]  # (B, T, 1, hd/2): broadcast over heads
+
+
+def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) — Meta's interleaved layout.
+
+    The pair (x0, x1) is the complex number x0 + i·x1, multiplied in fp32 by the rotation
+    cos + i·sin, as Meta's ``apply_rotary_emb`` does.
 
     Args:
         x: (B, T, n, hd) queries or keys.
-        cos, sin: (B, T, hd/2) fp32.
+        rot: (B, T, 1, hd/2) complex64 from `rope_rotation`.
     """
-    xf = x.float().unflatten(-1, (-1, 2))  # (B, T, n, hd/2, 2)
-    x0, x1 = xf[..., 0], xf[..., 1]
-    c, s = cos[:, :, None, :], sin[:, :, None, :]  # (B, T, 1, hd/2)
-    out = torch.stack((x0 * c - x1 * s, x0 * s + x1 * c), dim=-1)  # (B, T, n, hd/2, 2)
-    return out.flatten(-2).type_as(x)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, n, hd/2) complex
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)  # (B, T, n, hd)
+
+
+def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
+    """Grouped-query attention: query head h reads key/value head h // (H/K).
+
+    Args:
+        q: (B, H, T, hd); k, v: (B, K, S, hd).
+        mask: (B, T, S) bool, True where a query may attend; None for plain causal (S == T).
+
+    Returns:
+        (B, H, T, hd).
+
+    One new token per row (decode) takes a direct path: the H/K query heads of a group are
+    stacked against their one key/value head (no copy of the cache per head), scores and
+    softmax in fp32. Longer chunks use SDPA.
+    """
+    if mask is None:
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
+    B, H, T, hd = q.shape
+    K = k.shape[1]
+    if T > 1:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)  # mask (B, 1, T, S)
+    qg = q.reshape(B, K, H // K, hd).float()  # (B, K, H/K, hd): T == 1
+    scores = (qg @ k.float().transpose(-1, -2)) * (1.0 / math.sqrt(hd))  # (B, K, H/K, S)
+    scores = scores.masked_fill(~mask[:, :, None, :], float("-inf"))  # mask (B, 1, 1, S)
+    y = scores.softmax(-1) @ v.float()  # (B, K, H/K, hd)
+    return y.view(B, H, 1, hd).type_as(q)
 
 
 class Attention(nn.Module):
@@ -87,8 +118,7 @@ class Attention(nn.Module):
     def forward(
         self,
         x: torch.Tensor,
-        cos: torch.Tensor,
-        sin: torch.Tensor,
+        rot: torch.Tensor,
         cache: Optional[KVCache],
         input_pos: Optional[torch.Tensor],
         mask: Optional[torch.Tensor],
@@ -98,21 +128,14 @@ class Attention(nn.Module):
         q = self.wq(x).view(B, T, self.n_heads, self.head_dim)  # (B, T, H, hd)
         k = self.wk(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, hd)
         v = self.wv(x).view(B, T, self.n_kv_heads, self.head_dim)  # (B, T, K, hd)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        q, k = apply_rope(q, rot), apply_rope(k, rot)
         q, k, v = (t.transpose(1, 2) for t in (q, k, v))  # (B, H|K, T, hd)
 
         if cache is not None:
             assert input_pos is not None and mask is not None
             k, v = cache.update(input_pos, k, v, n_slots=mask.shape[-1], rows=cache_rows)  # (B, K, S, hd)
 
-        n_rep = self.n_heads // self.n_kv_heads
-        if n_rep > 1:
-            k = k.repeat_interleave(n_rep, dim=1)  # (B, H, S, hd)
-            v = v.repeat_interleave(n_rep, dim=1)
-        if mask is None:
-            y = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, H, T, hd)
-        else:
-            y = F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None])  # mask (B, 1, T, S)
+        y = attend(q, k, v, mask)  # (B, H, T, hd)
         y = y.transpose(1, 2).reshape(B, T, self.n_heads * self.head_dim)  # (B, T, H*hd)
         return self.wo(y)
 
@@ -136,8 +159,8 @@ class TransformerBlock(nn.Module):
         self.attention_norm = RMSNorm(args.dim, args.norm_eps)
         self.ffn_norm = RMSNorm(args.dim, args.norm_eps)
 
-    def forward(self, x, cos, sin, cache, input_pos, mask, cache_rows=None):
-        h = x + self.attention(self.attention_norm(x), cos, sin, cache, input_pos, mask, cache_rows)
+    def forward(self, x, rot, cache, input_pos, mask, cache_rows=None):
+        h = x + self.attention(self.attention_norm(x), rot, cache, input_pos, mask, cache_rows)
         return h + self.feed_forward(self.ffn_norm(h))
 
 
@@ -211,11 +234,12 @@ class Transformer(nn.Module):
                 raise ValueError(f"position {n_slots - 1} is past the cache length {caches[0].max_len}")
             slots = torch.arange(n_slots, device=tokens.device)
             mask = slots[None, None, :] <= input_pos[:, :, None]  # (B, T, S)
+            cache_rows = caches[0].rows_index(B, cache_rows)  # a slice when the rows are contiguous
 
-        cos, sin = rope_cos_sin(positions, self.inv_freq)  # (B, T, hd/2)
+        rot = rope_rotation(positions, self.inv_freq)  # (B, T, 1, hd/2) complex
         h = self.tok_embeddings(tokens)  # (B, T, D)
         for i, layer in enumerate(self.layers):
-            h = layer(h, cos, sin, None if caches is None else caches[i], input_pos, mask, cache_rows)
+            h = layer(h, rot, None if caches is None else caches[i], input_pos, mask, cache_rows)
         if last_only:
             h = h[:, -1:]
         return self.output(self.norm(h)).float()  # (B, T, V)

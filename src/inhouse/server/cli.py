@@ -1,0 +1,67 @@
+"""`inhouse serve`: load the model, build the app, run it (the CLI only parses arguments)."""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import re
+from typing import Optional
+
+logger = logging.getLogger("inhouse.server")
+
+_UNITS = {"": 1, "b": 1, "k": 1000, "kb": 1000, "kib": 1024, "m": 1000**2, "mb": 1000**2, "mib": 1024**2,
+          "g": 1000**3, "gb": 1000**3, "gib": 1024**3, "t": 1000**4, "tb": 1000**4, "tib": 1024**4}
+
+
+def parse_size(text: str) -> int:
+    """'2GiB', '512MB', '1e9' -> bytes. Raises ValueError naming the text."""
+    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+(?:e[0-9]+)?)\s*([a-zA-Z]*)\s*", text)
+    if not m or m.group(2).lower() not in _UNITS:
+        raise ValueError(f"--kv-cache-memory {text!r}: expected a size like 2GiB, 512MB or 1000000000")
+    return int(float(m.group(1)) * _UNITS[m.group(2).lower()])
+
+
+def seqs_for_budget(args, max_model_len: int, element_size: int, budget: int) -> int:
+    """How many full-context cache rows fit in `budget` bytes (keys and values, all layers)."""
+    per_row = args.kv_cache_bytes(max_model_len, element_size)
+    n = budget // per_row
+    if n < 1:
+        raise ValueError(f"--kv-cache-memory of {budget} bytes does not hold one sequence of {max_model_len} tokens "
+                         f"({per_row} bytes); raise it or lower --max-model-len")
+    return int(n)
+
+
+def run_serve(a: argparse.Namespace) -> int:
+    """Implements `inhouse serve` (see `inhouse serve --help`)."""
+    from inhouse import LLM
+    from inhouse.server.app import create_app, serve
+    from inhouse.server.auth import ApiKeys
+
+    keys: Optional[ApiKeys] = ApiKeys.from_file(a.api_key_file) if a.api_key_file else None
+    if a.max_num_seqs < 1:
+        raise ValueError(f"--max-num-seqs={a.max_num_seqs} must be at least 1")
+    if a.max_queue < 0:
+        raise ValueError(f"--max-queue={a.max_queue} must be at least 0")
+    template = None
+    if a.chat_template:
+        with open(a.chat_template, encoding="utf-8") as f:
+            template = f.read()
+    max_num_seqs = a.max_num_seqs
+    budget = parse_size(a.kv_cache_memory) if a.kv_cache_memory else None
+    llm = LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, seed=a.seed or 0, max_num_seqs=max_num_seqs,
+              chat_format=a.chat_format, chat_template=template)
+    if budget is not None:
+        elsize = llm.model.tok_embeddings.weight.element_size()
+        fit = seqs_for_budget(llm.loaded.args, llm.max_model_len, elsize, budget)
+        if fit < max_num_seqs:
+            logger.info("KV cache budget %s holds %d sequences of %d tokens; --max-num-seqs lowered from %d",
+                        a.kv_cache_memory, fit, llm.max_model_len, max_num_seqs)
+            llm = LLM.from_model(llm.model, llm.tokenizer, name=llm.loaded.name, max_model_len=llm.max_model_len,
+                                 seed=a.seed or 0, max_num_seqs=fit, chat_format=a.chat_format,
+                                 chat_template=template)
+    timeout = a.request_timeout if a.request_timeout and a.request_timeout > 0 else None
+    app = create_app(llm, api_keys=keys, served_model_names=a.served_model_name, max_queue=a.max_queue,
+                     request_timeout=timeout)
+    level = "debug" if a.verbose else ("warning" if a.quiet else "info")
+    serve(app, host=a.host, port=a.port, log_level=level)
+    return 0
