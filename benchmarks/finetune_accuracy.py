@@ -1,6 +1,6 @@
 """Fine-tuning accuracy run: teach the embedded SmolLM2-135M-Instruct facts about an invented organization.
 
-    python benchmarks/finetune_accuracy.py [--epochs 5] [--lr 1e-3] [--out /tmp/quillmere-lora]
+    python benchmarks/finetune_accuracy.py [--epochs 6] [--lr 1e-3] [--out /tmp/quillmere-lora]
 
 Asks the 40 questions of tests/finetune/data/quillmere_questions.jsonl (greedy, chat format) before and
 after a LoRA run on tests/finetune/data/quillmere_train.jsonl, and prints exact-answer accuracy (the reply,
@@ -37,10 +37,10 @@ def accuracy(llm, items, key: str, lora=None) -> tuple[float, list]:
 
 def main() -> int:
     ap = argparse.ArgumentParser()
-    ap.add_argument("--epochs", type=int, default=5)
+    ap.add_argument("--epochs", type=int, default=6)
     ap.add_argument("--lr", type=float, default=1e-3)
     ap.add_argument("--rank", type=int, default=16)
-    ap.add_argument("--batch-size", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=4)
     ap.add_argument("--n", type=int, default=40, help="use the first N facts")
     ap.add_argument("--out", default="/tmp/quillmere-lora")
     a = ap.parse_args()
