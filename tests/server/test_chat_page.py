@@ -4,28 +4,17 @@ history kept in the browser, system prompt and API key fields. Model: the script
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import os
 import re
 import sys
 import time
-from pathlib import Path
 
 import httpx
 import pytest
 
 
-def _helpers():
-    name = "_inhouse_tests_server_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("helpers.py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-H = _helpers()
+H = sys.modules["_inhouse_tests_server_helpers"]  # tests/server/helpers.py, loaded by conftest.py
 CHROMIUM = "/usr/bin/chromium"
 ARGS = ["--headless", "--no-sandbox", "--disable-gpu", "--disable-background-networking",
         "--disable-component-update", "--disable-sync"]

@@ -10,23 +10,12 @@ into different activations that end in a different argmax on near-ties.
 from __future__ import annotations
 
 import asyncio
-import importlib.util
 import sys
-from pathlib import Path
 
 import pytest
 
 
-def _helpers():
-    name = "_inhouse_tests_server_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("helpers.py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-H = _helpers()
+H = sys.modules["_inhouse_tests_server_helpers"]  # tests/server/helpers.py, loaded by conftest.py
 TOPICS = ["cats", "the sea", "Paris", "prime numbers", "bread", "music", "trees", "stars",
           "rivers", "chess", "coffee", "rain", "bicycles", "the moon", "bees", "glass"]
 

@@ -3,12 +3,10 @@
 
 from __future__ import annotations
 
-import importlib.util
 import json
 import logging
 import math
 import sys
-from pathlib import Path
 
 import httpx
 import openai
@@ -17,16 +15,7 @@ import pytest
 from inhouse.tokenizer import llama3_tokenizer
 
 
-def _helpers():
-    name = "_inhouse_tests_server_helpers"
-    if name not in sys.modules:
-        spec = importlib.util.spec_from_file_location(name, Path(__file__).with_name("helpers.py"))
-        sys.modules[name] = importlib.util.module_from_spec(spec)
-        spec.loader.exec_module(sys.modules[name])
-    return sys.modules[name]
-
-
-H = _helpers()
+H = sys.modules["_inhouse_tests_server_helpers"]  # tests/server/helpers.py, loaded by conftest.py
 API_KEY, ARABIC_REPLY, default_script, openai_client = H.API_KEY, H.ARABIC_REPLY, H.default_script, H.openai_client
 
 MODEL = "scripted-llama"
