@@ -118,7 +118,30 @@ def _worker_transformers(model_path: str, opts: dict, t_start: float) -> dict:
     return {"ttft_s": ttft, "prefill_tok_s": prefill, "decode_tok_s": decode, "threads": torch.get_num_threads()}
 
 
+def llamacpp_without_extra_buffers() -> None:
+    """Load llama.cpp models without its "extra buffer types" (weight repacking).
+
+    On these machines (Intel Xeon with AMX) the only extra buffer type that applies to Q4_1 is
+    llama.cpp's AMX path, and it crashes (SIGSEGV in llama_decode on any prompt longer than one
+    token, llama-cpp-python 0.3.36). Turning it off keeps llama.cpp's regular AVX-512 kernels.
+    """
+    import llama_cpp.llama_cpp as lib
+
+    default = lib.llama_model_default_params
+    if getattr(default, "_inhouse_patched", False):
+        return
+
+    def params():
+        p = default()
+        p.use_extra_bufts = False
+        return p
+
+    params._inhouse_patched = True
+    lib.llama_model_default_params = params
+
+
 def _worker_llamacpp(model_path: str, opts: dict, t_start: float) -> dict:
+    llamacpp_without_extra_buffers()
     import llama_cpp
 
     threads = opts["threads"]

@@ -194,11 +194,8 @@ def open_model(model: Optional[str] = None, *, dtype: Union[str, torch.dtype, No
     info = inspect_checkpoint(spec.path)
     torch_dtype = resolve_dtype(dtype, info.stored_dtype)
     q = resolve_quantize(quantize, torch_dtype, dtype, info.stored_dtype)
-    # Quantized runs read the file in fp32 and quantize from there (exact for GGUF Q4 blocks); the
-    # fp32 copy of each matrix is dropped as its quantized module replaces it.
-    net, info = load_model(info, dtype=torch.float32 if q != "none" else torch_dtype,
-                           max_seq_len_for_estimate=max_model_len)
-    quantize_model(net, q, dtype=torch_dtype)
+    # Quantized runs read each tensor in fp32 and quantize it at once (exact for GGUF Q4 blocks).
+    net, info = load_model(info, dtype=torch_dtype, max_seq_len_for_estimate=max_model_len, quantize=q)
     if tokenizer:
         tok = load_tokenizer(tokenizer)
     elif info.format == "gguf":

@@ -6,11 +6,16 @@ within 1% and top-1 next-token agreement, for the default path (int4: the file's
 re-laid out) through both kernels (one token at a time through the KV cache, and whole-prompt
 forwards), for plain bf16 and for int8.
 
-The issue's goal is >= 98% top-1 agreement. Measured (2 cores, AVX-512): int4 and bf16 agree on
-96.4-97.0% of positions, perplexity within 0.1% — the int4 weights are the file's exactly, the
-flips come from bf16 activations (the bf16 residual stream); int8 (per-row scales cannot follow
-a 4-bit grid) 95.5-96.9%, perplexity up to +0.98%. The bars below are therefore the measured level minus a margin for other
-CPUs' reduction orders, not the goal: raising them needs an fp32 residual stream (see BENCHMARKS.md).
+The issue's bar is >= 98% top-1 agreement and perplexity within 1%. Measured (2 cores, AVX-512):
+the default int4 path (the file's Q4_1 blocks, an fp32 residual stream, the vocabulary projection
+as an int8 pass with its top 32 logits recomputed exactly) agrees on 98.8% of positions (whole
+text) and 98.4% (token by token), perplexity within 0.2%: it is held to the 98% bar. Before the
+fp32 residual stream it was 96.4-97.0%, whatever the weights: the flips come from rounding the
+residual sum to bf16 at every layer. int8 re-quantizes the file's 4-bit grid with one scale per row
+(it cannot follow the grid) and measures 97.4% / 96.5%, perplexity within 0.6%; it exists for
+float checkpoints, and `auto` never picks it for 4-bit files. Plain bf16 (no quantization, bf16
+residual stream as in Meta's bf16 reference) measures 96.4% / 96.9%. Their bars are the measured
+level minus a margin, not the goal.
 """
 
 import math
@@ -19,7 +24,7 @@ import pytest
 import torch
 from torch import nn
 
-from inhouse.model.quant import Int4Linear, Int8Linear, QuantizeError, quantize_int8, quantize_model, quantized_mode
+from inhouse.model.quant import Int4Linear, Int8Linear, QuantizeError, RescoredOutput, quantize_int8, quantize_model, quantized_mode
 from inhouse.resolve import open_model, resolve_quantize
 
 TEXT = (
@@ -107,14 +112,33 @@ def test_rows_do_not_depend_on_the_batch(cls):
     assert torch.equal(together, alone)
 
 
+def test_rescored_output_is_exact_at_the_top_and_close_below():
+    g = torch.Generator().manual_seed(5)
+    w = torch.randn(3000, 64, generator=g).to(torch.bfloat16)
+    out = RescoredOutput(Int8Linear.from_weight(w.float()), nn.Parameter(w), k=16)
+    x = torch.randn(5, 1, 64, generator=g)
+    logits = out(x)  # (5, 1, 3000)
+    ref = x.float() @ w.float().T  # exact fp32 over the bf16 rows
+    assert logits.shape == (5, 1, 3000) and logits.dtype == torch.float32
+    top = ref.topk(8, dim=-1).indices  # well inside the int8 pass's top 16 (its 16th may differ)
+    assert torch.equal(logits.argmax(-1), ref.argmax(-1))
+    torch.testing.assert_close(logits.gather(-1, top), ref.gather(-1, top), rtol=1e-6, atol=1e-5)
+    err = (logits - ref).abs().max().item()
+    assert 0 < err < 0.05 * ref.abs().max().item()  # the tail is the int8 pass: close, not exact
+    alone = torch.cat([out(x[i:i + 1]) for i in range(5)])
+    assert torch.equal(logits, alone)  # each row is what it is alone
+
+
 def test_quantize_model_swaps_linears_and_keeps_names(tiny_model_factory):
     m = tiny_model_factory()
     names = {n for n, mod in m.named_modules() if isinstance(mod, nn.Linear)}
     quantize_model(m, "int8")
     assert quantized_mode(m) == "int8"
-    assert {n for n, mod in m.named_modules() if isinstance(mod, Int8Linear)} == names - {"output"}
+    # the output projection becomes an int8 pass + exact top-k (RescoredOutput.approx)
+    assert {n for n, mod in m.named_modules() if isinstance(mod, Int8Linear)} == names - {"output"} | {"output.approx"}
     assert "layers.0.attention.wq.weight_int8" in m.state_dict()
-    assert m.output.weight.dtype == torch.bfloat16 and m.inv_freq.dtype == torch.float32
+    assert m.output.rows.dtype == torch.bfloat16 and m.inv_freq.dtype == torch.float32
+    assert m.norm.weight.dtype == torch.float32 and m.layers[0].ffn_norm.weight.dtype == torch.float32  # fp32 residual
     with pytest.raises(QuantizeError, match="int3"):
         quantize_model(m, "int3")
 
@@ -185,10 +209,9 @@ def _agreement_and_ppl(logits, ref_logits, ids):
 
 
 @pytest.mark.parametrize("which,how,min_agree,max_ppl", [
-    ("int4", "full", 0.955, 0.01), ("int4", "stepwise", 0.955, 0.01),
+    ("int4", "full", 0.98, 0.01), ("int4", "stepwise", 0.98, 0.01),  # the issue's bar
     ("bf16", "full", 0.955, 0.01), ("bf16", "stepwise", 0.955, 0.01),
-    # int8 measured: 95.5% / 96.9%, perplexity +0.18% / +0.98% (token by token) — at the edge of 1%
-    ("int8", "full", 0.93, 0.01), ("int8", "stepwise", 0.93, 0.015),
+    ("int8", "full", 0.955, 0.01), ("int8", "stepwise", 0.95, 0.01),
 ])
 def test_fast_paths_track_the_fp32_reference(models, which, how, min_agree, max_ppl):
     ref, fast, ids = models

@@ -39,4 +39,15 @@ def compile_decode(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
     inductor_config.fx_graph_cache = True
     logger.info("compiling the decode step (first start is slow; artifacts cached in %s)",
                 os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    return torch.compile(model, dynamic=True)
+    compiled = torch.compile(model, dynamic=True)
+
+    def decode(tokens: torch.Tensor, input_pos: torch.Tensor, caches, last_only: bool = False,
+               cache_rows=None) -> torch.Tensor:
+        # The two host reads of a step (attended length, contiguous cache rows) happen here,
+        # eagerly, so that the compiled graph has no break.
+        n_slots = int(input_pos.max()) + 1
+        rows = caches[0].rows_index(tokens.shape[0], cache_rows)
+        return compiled(tokens, input_pos=input_pos, caches=caches, last_only=last_only, cache_rows=rows,
+                        n_slots=n_slots)
+
+    return decode

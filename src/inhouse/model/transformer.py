@@ -12,7 +12,7 @@ Shape notation used in comments:
 from __future__ import annotations
 
 import math
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -60,23 +60,27 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
 
 
 def rope_rotation(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """cos + i·sin of the rotation angles, (B, T, 1, hd/2) complex64 (Meta's ``freqs_cis``)."""
+    """cos and sin of the rotation angles, (B, T, 1, hd/2, 2) fp32 (Meta's ``freqs_cis`` as real pairs)."""
     cos, sin = rope_cos_sin(positions, inv_freq)
-    return torch.complex(cos, sin)[:, :, None, :]  # (B, T, 1, hd/2): broadcast over heads
+    return torch.stack((cos, sin), dim=-1)[:, :, None]  # (B, T, 1, hd/2, 2): broadcast over heads
 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) — Meta's interleaved layout.
 
     The pair (x0, x1) is the complex number x0 + i·x1, multiplied in fp32 by the rotation
-    cos + i·sin, as Meta's ``apply_rotary_emb`` does.
+    cos + i·sin, as Meta's ``apply_rotary_emb`` does; written with real tensors so that
+    ``torch.compile`` can fuse it (Inductor does not generate code for complex numbers).
 
     Args:
         x: (B, T, n, hd) queries or keys.
-        rot: (B, T, 1, hd/2) complex64 from `rope_rotation`.
+        rot: (B, T, 1, hd/2, 2) from `rope_rotation`.
     """
-    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, n, hd/2) complex
-    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)  # (B, T, n, hd)
+    xp = x.float().unflatten(-1, (-1, 2))  # (B, T, n, hd/2, 2)
+    x0, x1 = xp[..., 0], xp[..., 1]
+    cos, sin = rot[..., 0], rot[..., 1]
+    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, n, hd/2, 2)
+    return out.flatten(-2).type_as(x)  # (B, T, n, hd)
 
 
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
@@ -97,7 +101,8 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     B, H, T, hd = q.shape
     K = k.shape[1]
-    if T > 1:
+    if T > 1:  # the cache may hold a narrower dtype than the queries (bf16 cache, fp32 residual)
+        k, v = k.to(q.dtype), v.to(q.dtype)
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], enable_gqa=True)  # mask (B, 1, T, S)
     qg = q.reshape(B, K, H // K, hd).float()  # (B, K, H/K, hd): T == 1
     scores = (qg @ k.float().transpose(-1, -2)) * (1.0 / math.sqrt(hd))  # (B, K, H/K, S)
@@ -178,7 +183,10 @@ class Transformer(nn.Module):
     def __init__(self, args: ModelArgs):
         super().__init__()
         self.args = args
-        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim)
+        table = torch.empty(args.vocab_size, args.dim)
+        if not table.is_meta:  # nn.Embedding's own init; on the meta device (loaders) it would
+            nn.init.normal_(table)  # go through torch._refs and import torch._dynamo: ~1.3 s at start
+        self.tok_embeddings = nn.Embedding(args.vocab_size, args.dim, _weight=table)
         self.layers = nn.ModuleList(TransformerBlock(args) for _ in range(args.n_layers))
         self.norm = RMSNorm(args.dim, args.norm_eps)
         self.output = nn.Linear(args.dim, args.vocab_size, bias=False)
@@ -190,7 +198,7 @@ class Transformer(nn.Module):
 
     def tie_weights(self) -> None:
         """Share the output projection with the embedding (after weights were assigned)."""
-        if self.args.tie_embeddings:
+        if self.args.tie_embeddings and isinstance(self.output, nn.Linear):  # quantized outputs tie themselves
             self.output.weight = self.tok_embeddings.weight
 
     def set_rope_freq_factors(self, factors: torch.Tensor) -> None:
@@ -206,7 +214,8 @@ class Transformer(nn.Module):
         input_pos: Optional[torch.Tensor] = None,
         caches: Optional[list[KVCache]] = None,
         last_only: bool = False,
-        cache_rows: Optional[torch.Tensor] = None,
+        cache_rows: Union[torch.Tensor, slice, None] = None,
+        n_slots: Optional[int] = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) fp32, or (B, 1, V) with ``last_only``.
 
@@ -215,7 +224,11 @@ class Transformer(nn.Module):
             input_pos: (B, T) positions; required with ``caches``.
             caches: one `KVCache` per layer for incremental decoding.
             last_only: compute the output projection for the last position only.
-            cache_rows: (B,) which cache rows hold these sequences (default 0..B-1).
+            cache_rows: (B,) which cache rows hold these sequences (default 0..B-1), or a slice
+                of contiguous rows (`KVCache.rows_index`).
+            n_slots: cache positions to attend over, ``max(input_pos) + 1`` when not given. The
+                compiled decode step passes it, with a slice for `cache_rows`, so that the
+                graph reads no tensor value on the host (`inhouse.engine.compile`).
         """
         B, T = tokens.shape
         if caches is None:
@@ -229,15 +242,19 @@ class Transformer(nn.Module):
             if len(caches) != len(self.layers):
                 raise ValueError(f"got {len(caches)} caches for {len(self.layers)} layers")
             positions = input_pos
-            n_slots = int(input_pos.max()) + 1  # attend only over slots that can be filled
+            if n_slots is None:
+                n_slots = int(input_pos.max()) + 1  # attend only over slots that can be filled
             if n_slots > caches[0].max_len:
                 raise ValueError(f"position {n_slots - 1} is past the cache length {caches[0].max_len}")
             slots = torch.arange(n_slots, device=tokens.device)
             mask = slots[None, None, :] <= input_pos[:, :, None]  # (B, T, S)
-            cache_rows = caches[0].rows_index(B, cache_rows)  # a slice when the rows are contiguous
+            if not isinstance(cache_rows, slice):
+                cache_rows = caches[0].rows_index(B, cache_rows)  # a slice when the rows are contiguous
 
-        rot = rope_rotation(positions, self.inv_freq)  # (B, T, 1, hd/2) complex
-        h = self.tok_embeddings(tokens)  # (B, T, D)
+        rot = rope_rotation(positions, self.inv_freq)  # (B, T, 1, hd/2, 2)
+        # The residual stream runs in the norms' dtype: the model's dtype, or fp32 for quantized
+        # models (their matmuls take bf16 inputs; an fp32 sum keeps each layer's rounding out of it).
+        h = self.tok_embeddings(tokens).to(self.norm.weight.dtype)  # (B, T, D)
         for i, layer in enumerate(self.layers):
             h = layer(h, rot, None if caches is None else caches[i], input_pos, mask, cache_rows)
         if last_only:

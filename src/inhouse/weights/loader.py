@@ -11,13 +11,14 @@ from __future__ import annotations
 import logging
 import os
 from collections import Counter
-from dataclasses import dataclass
-from typing import Iterator, Optional, Union
+from dataclasses import dataclass, field
+from typing import Any, Iterator, Optional, Union
 
 import torch
 from torch import nn
 
 from inhouse.config import ConfigError, ModelArgs
+from inhouse.model.quant import quantize_tensor
 from inhouse.model.transformer import Transformer, rope_inv_freq
 from inhouse.weights import hf, meta
 from inhouse.weights.gguf import GGUFError, read_gguf
@@ -53,6 +54,9 @@ class CheckpointInfo:
     stored_dtype: str
     file_bytes: int
     gguf_metadata: Optional[dict] = None
+    # The parsed, still open GGUF file, so that loading does not parse the header a second time
+    # (its tokenizer arrays take ~0.2 s); loading takes it over and closes it.
+    gguf_file: Optional[Any] = field(default=None, repr=False, compare=False)
 
 
 # --------------------------------------------------------------------------- detection
@@ -166,7 +170,8 @@ def inspect_checkpoint(path: Union[str, os.PathLike]) -> CheckpointInfo:
         where = hf.weight_files(root)
         return CheckpointInfo("hf", path, args, _dtype_summary(hf.stored_dtypes(where)),
                               sum(os.path.getsize(p) for p in set(where.values())))
-    with _open_gguf(path) as f:
+    f = _open_gguf(path)
+    try:
         try:
             args = ModelArgs.from_gguf_metadata(f.metadata, has_output_tensor="output.weight" in f.tensors)
         except (ConfigError, KeyError, TypeError, ValueError) as e:
@@ -175,14 +180,17 @@ def inspect_checkpoint(path: Union[str, os.PathLike]) -> CheckpointInfo:
             if info.ggml_type not in SUPPORTED_TYPES:
                 raise WeightsError(f"{path}: tensor {info.name!r} has unsupported quantization type "
                                    f"{info.type_name} (supported: {', '.join(SUPPORTED_TYPES.values())})")
-        counts = Counter(info.type_name for info in f.tensors.values())
-        return CheckpointInfo("gguf", path, args, _dtype_summary(dict(counts)), os.path.getsize(path),
-                              gguf_metadata=dict(f.metadata))
+    except BaseException:
+        f.close()
+        raise
+    counts = Counter(info.type_name for info in f.tensors.values())
+    return CheckpointInfo("gguf", path, args, _dtype_summary(dict(counts)), os.path.getsize(path),
+                          gguf_metadata=dict(f.metadata), gguf_file=f)
 
 
 # --------------------------------------------------------------------------- tensors
-def _iter_gguf(path: str, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor, str]]:
-    with _open_gguf(path) as f:
+def _iter_gguf(path: str, dtype: torch.dtype, opened=None) -> Iterator[tuple[str, torch.Tensor, str]]:
+    with opened or _open_gguf(path) as f:
         for name in f.tensors:
             target = remap(name, GGUF_TO_META, path)
             if target is None:
@@ -200,7 +208,8 @@ def _iter_checkpoint(info: CheckpointInfo, dtype: torch.dtype) -> Iterator[tuple
     if info.format == "hf":
         return hf.iter_tensors(hf.weight_files(_root(info.path)), info.args)
     if info.format == "gguf":
-        return _iter_gguf(info.path, dtype)
+        opened, info.gguf_file = info.gguf_file, None
+        return _iter_gguf(info.path, dtype, opened)
     raise WeightsError(f"{info.path}: format {info.format!r} has no tensors to read")
 
 
@@ -242,7 +251,7 @@ def _finish(model: Transformer, device: torch.device, rope_freqs: Optional[torch
 
 
 def _assign_all(model: Transformer, tensors: Iterator[tuple[str, torch.Tensor, str]], info: CheckpointInfo,
-                dtype: torch.dtype, device: torch.device) -> None:
+                dtype: torch.dtype, device: torch.device, quantize: str = "none") -> None:
     args = model.args
     params = dict(model.named_parameters())  # tied output.weight is not listed separately
     itemsize = torch.empty((), dtype=dtype).element_size()
@@ -265,7 +274,10 @@ def _assign_all(model: Transformer, tensors: Iterator[tuple[str, torch.Tensor, s
                                f"but the model config needs {want}")
         if not t.is_floating_point():
             raise WeightsError(f"{src}: tensor {name!r} has dtype {t.dtype}, expected floating point")
-        _set_parameter(model, name, t.to(device=device, dtype=dtype))
+        if quantize == "none":
+            _set_parameter(model, name, t.to(device=device, dtype=dtype))
+        else:  # quantized as it arrives: the model never exists in fp32 as a whole
+            quantize_tensor(model, name, t.to(device=device, dtype=torch.float32), quantize, dtype)
         done.add(name)
         progress.step(t.numel() * itemsize)
     missing = [n for n in params if n not in done]
@@ -290,6 +302,7 @@ def load_model(
     device: Union[str, torch.device] = "cpu",
     max_seq_len_for_estimate: Optional[int] = None,
     check_memory: bool = True,
+    quantize: str = "none",
 ) -> tuple[Transformer, CheckpointInfo]:
     """Build a `Transformer` from a checkpoint, one tensor at a time.
 
@@ -300,6 +313,9 @@ def load_model(
         max_seq_len_for_estimate: KV-cache positions to include in the memory check
             (None: weights only).
         check_memory: refuse up front when the estimate exceeds the memory available.
+        quantize: "none", or "int8"/"int4": each tensor is read in fp32 and quantized at once
+            (`inhouse.model.quant.quantize_tensor`); `dtype` is then the dtype of what stays
+            unquantized (bf16), norms excepted (fp32).
 
     Returns:
         ``(model, info)``: the model in eval mode, and the checkpoint description.
@@ -321,7 +337,8 @@ def load_model(
                 args.n_layers, args.dim, str(dtype).removeprefix("torch."))
     with torch.device("meta"):
         model = Transformer(args)
-    _assign_all(model, _iter_checkpoint(info, dtype), info, dtype, device)
+    _assign_all(model, _iter_checkpoint(info, torch.float32 if quantize != "none" else dtype), info, dtype, device,
+                quantize)
     return model, info
 
 
