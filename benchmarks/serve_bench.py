@@ -10,7 +10,8 @@ aggregate generated tokens/s (all tokens / wall time of the round) and time to f
     python benchmarks/serve_bench.py --model path/to/model.gguf --clients 1,4,16 --max-tokens 64
 
 The llama.cpp peer runs from its own virtualenv (default /work/peers; see benchmarks/README.md):
-    PEER/bin/python -m llama_cpp.server --model M --n_threads N --interrupt_requests False ...
+    PEER/bin/python -c LLAMACPP_SERVER --model M --n_threads N --interrupt_requests False ...
+(LLAMACPP_SERVER runs `llama_cpp.server` with llama.cpp's extra buffer types off: see below.)
 llama-cpp-python's server has no parallel slots: it serves one request at a time (a lock around
 the model), queueing the others; `--interrupt_requests False` makes it queue instead of cutting a
 running stream off when the next request arrives.
@@ -29,6 +30,19 @@ import sys
 import time
 
 import httpx
+
+# llama_cpp.server, with llama.cpp's extra buffer types off: on these AMX machines they select the
+# AMX path, which crashes (see inhouse.bench.llamacpp_without_extra_buffers and benchmarks/README.md).
+LLAMACPP_SERVER = """
+import runpy, llama_cpp.llama_cpp as lib
+default = lib.llama_model_default_params
+def params():
+    p = default()
+    p.use_extra_bufts = False
+    return p
+lib.llama_model_default_params = params
+runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
+"""
 
 TOPICS = ["the sea", "a lighthouse", "bread", "a city at night", "bees", "a library", "winter", "a train",
           "chess", "rivers", "coffee", "the moon", "a garden", "glass", "music", "mountains"]
@@ -125,7 +139,7 @@ def main() -> int:
     ap.add_argument("--rounds", type=int, default=2, help="requests per client, one after the other")
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="CPU threads for both servers")
-    ap.add_argument("--inhouse-dtype", default="float32")
+    ap.add_argument("--inhouse-dtype", default="auto", help="auto: the default path (4-bit weights for a Q4 file)")
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--peer-python", default="/work/peers/bin/python")
     ap.add_argument("--skip-llamacpp", action="store_true")
@@ -150,7 +164,7 @@ def main() -> int:
         else:
             port = free_port()
             base = f"http://127.0.0.1:{port}"
-            rows += bench_server("llama.cpp", [args.peer_python, "-m", "llama_cpp.server", "--model", args.model,
+            rows += bench_server("llama.cpp", [args.peer_python, "-c", LLAMACPP_SERVER, "--model", args.model,
                                                "--n_threads", str(args.threads), "--n_ctx", "2048", "--port", str(port),
                                                "--host", "127.0.0.1", "--interrupt_requests", "False",
                                                "--model_alias", "m", "--verbose", "False"],

@@ -1,6 +1,6 @@
 """inhouse: run, serve and fine-tune open-weight Llama models on your own machines, offline.
 
-    from inhouse import LLM, SamplingParams
+    from inhouse import LLM, SamplingParams, LoRARequest
 """
 
 from inhouse.engine.outputs import CompletionOutput, RequestOutput
@@ -15,7 +15,11 @@ def __getattr__(name):
         from inhouse.engine.llm import LLM
 
         return LLM
+    if name == "LoRARequest":
+        from inhouse.finetune.adapters import LoRARequest
+
+        return LoRARequest
     raise AttributeError(f"module 'inhouse' has no attribute {name!r}")
 
 
-__all__ = ["LLM", "SamplingParams", "RequestOutput", "CompletionOutput", "__version__"]
+__all__ = ["LLM", "SamplingParams", "LoRARequest", "RequestOutput", "CompletionOutput", "__version__"]

@@ -108,6 +108,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="KV cache budget, e.g. 2GiB: caps --max-num-seqs so that every row fits its full context")
     s.add_argument("--request-timeout", type=float, default=600.0, help="seconds a request may take (0: no limit)")
     s.add_argument("--served-model-name", action="append", default=None, help="name clients use (repeatable)")
+    s.add_argument("--adapter", action="append", default=None, metavar="NAME=DIR",
+                   help="serve a LoRA adapter (PEFT format), unmerged, as model NAME (repeatable); requests for "
+                        "different adapters and the base model share batches")
+    s.add_argument("--max-loras", type=int, default=8, help="adapters resident at once (default: 8)")
     _add_model_args(s)
     s.set_defaults(func=cmd_serve)
 

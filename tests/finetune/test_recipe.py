@@ -199,6 +199,9 @@ def test_llm_adapter_and_lora_request(tmp_path, tiny_dir):
     assert run(plain) == base  # no request: back to the base model
     assert run(with_a0, lora_request=LoRARequest("a1", 2, dirs[1])) == a1
     assert run(with_a0) == a0  # its default adapter again
-    with pytest.raises(AdapterError, match="different adapters"):
-        plain.generate([{"prompt_token_ids": ids}] * 2, p,
-                       lora_request=[LoRARequest("a0", 1, dirs[0]), LoRARequest("a1", 2, dirs[1])])
+    # Different adapters and the base model in one call: one batch, each row its own adapter.
+    mixed = plain.generate([{"prompt_token_ids": ids}] * 3, p,
+                           lora_request=[LoRARequest("a0", 1, dirs[0]), None, LoRARequest("a1", 2, dirs[1])])
+    assert [o.outputs[0].token_ids for o in mixed] == [a0, base, a1]
+    with pytest.raises(AdapterError, match="already used"):
+        run(plain, lora_request=LoRARequest("a0", 3, dirs[1]))  # one name, two directories

@@ -9,6 +9,13 @@ There are no separate prefill and decode phases: a fresh prompt is simply a sequ
 far behind (and may catch up over several steps: chunked prefill); a decoding sequence is one
 token behind. Rows that are one token behind run together in one batched forward; longer
 catch-ups run as their own forward so that no row is padded.
+
+LoRA adapters do not change the rule: each request names an adapter (or none, the base model)
+and each forward tells the model, row by row, which adapter slot to apply (an `AdapterBank`,
+see `inhouse.finetune.adapters`), so rows of different adapters share every batch. The only
+adapter constraint is at admission: a request enters the running set once its adapter holds a
+slot (at most ``max_loras`` adapters are resident); one that must wait for a slot lets the
+requests behind it in.
 """
 
 from __future__ import annotations
@@ -18,7 +25,7 @@ import logging
 import time
 from collections import deque
 from dataclasses import dataclass, field
-from typing import Iterable, Optional
+from typing import TYPE_CHECKING, Iterable, Optional
 
 import torch
 
@@ -28,6 +35,9 @@ from inhouse.engine.params import SamplingParams
 from inhouse.model.transformer import Transformer
 from inhouse.tokenizer.base import Tokenizer
 from inhouse.tokenizer.detokenizer import IncrementalDetokenizer
+
+if TYPE_CHECKING:
+    from inhouse.finetune.adapters import AdapterBank
 
 logger = logging.getLogger("inhouse.engine")
 
@@ -84,6 +94,8 @@ class Request:
     arrival: float = field(default_factory=time.monotonic)
     first_token_time: Optional[float] = None
     forked: bool = False
+    adapter: Optional[str] = None  # LoRA adapter name (None: the base model)
+    adapter_slot: int = 0  # its slot in the model's adapter layers while running (0: base)
 
     @property
     def finished(self) -> bool:
@@ -111,11 +123,12 @@ class Engine:
         max_num_batched_tokens: token budget of one step (bounds prefill chunk size).
         seed: seeds the generators of requests that bring no seed of their own.
         compile: run decode steps through `inhouse.engine.compile.compile_decode` (opt-in).
+        adapters: the LoRA adapters requests may name (an `AdapterBank` on `model`); settable later.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_model_len: int,
                  max_num_seqs: int = 8, max_num_batched_tokens: int = 2048, seed: int = 0,
-                 compile: bool = False):
+                 compile: bool = False, adapters: Optional["AdapterBank"] = None):
         if max_model_len < 2:
             raise EngineError(f"max_model_len={max_model_len} must be at least 2")
         self.model = model
@@ -134,6 +147,7 @@ class Engine:
         self._free_slots = list(range(max_num_seqs))
         self.caches = model.new_caches(max_num_seqs, min(max_model_len, 256))
         self.device = model.tok_embeddings.weight.device
+        self.adapters = adapters
         self._decode_model = model
         if compile:
             from inhouse.engine.compile import compile_decode
@@ -142,8 +156,19 @@ class Engine:
 
     # ------------------------------------------------------------------ requests
     def add_request(self, prompt_token_ids: list[int], params: SamplingParams, *,
-                    prompt: Optional[str] = None, request_id: Optional[str] = None) -> Request:
-        """Queue a request. Raises `ContextLengthError`/`EngineError` before anything runs."""
+                    prompt: Optional[str] = None, request_id: Optional[str] = None,
+                    adapter: Optional[str] = None) -> Request:
+        """Queue a request.
+
+        Args:
+            adapter: name of a LoRA adapter of `adapters` to run it with (None: the base model).
+
+        Raises:
+            ContextLengthError, EngineError: before anything runs (an unknown adapter too).
+        """
+        if adapter is not None and (self.adapters is None or adapter not in self.adapters):
+            known = ", ".join(self.adapters.names()) if self.adapters is not None else ""
+            raise EngineError(f"unknown LoRA adapter {adapter!r}; " + (f"known: {known}" if known else "none is loaded"))
         ids = [int(t) for t in prompt_token_ids]
         if not ids:
             raise EngineError("the prompt is empty: give at least one token")
@@ -172,7 +197,7 @@ class Engine:
         rid = request_id if request_id is not None else str(next(self._ids))
         if rid in self.requests:
             raise EngineError(f"request id {rid!r} is already in use")
-        req = Request(rid, prompt, ids, params)
+        req = Request(rid, prompt, ids, params, adapter=adapter)
         for i in range(params.n):
             if params.seed is not None:
                 gen = torch.Generator().manual_seed(params.seed + i * 1_000_003)
@@ -242,12 +267,20 @@ class Engine:
         return [s for s in req.seqs if not s.finished]
 
     def _admit(self) -> None:
+        held_back: list[Request] = []  # their adapter waits for a slot: they keep their place in line
         while self.waiting and len(self._free_slots) >= self.waiting[0].params.n:
             req = self.waiting.popleft()
+            if req.adapter is not None:
+                slot = self.adapters.acquire(req.adapter)
+                if slot is None:
+                    held_back.append(req)
+                    continue
+                req.adapter_slot = slot
             for seq in req.seqs:
                 seq.slot = self._free_slots.pop(0)
             self._free_slots.sort()
             self.running.append(req)
+        self.waiting.extendleft(reversed(held_back))
 
     def _retire(self, req: Request) -> None:
         if req in self.running:
@@ -255,6 +288,9 @@ class Engine:
             for seq in req.seqs:
                 self._free_slots.append(seq.slot)
             self._free_slots.sort()
+            if req.adapter is not None:
+                self.adapters.release(req.adapter)
+                req.adapter_slot = 0
         elif req in self.waiting:
             self.waiting.remove(req)
         self.requests.pop(req.request_id, None)
@@ -278,7 +314,13 @@ class Engine:
         pos = start[:, None] + torch.arange(k, device=self.device)  # (B, k)
         rows = torch.tensor([s.slot for s in seqs], device=self.device)
         model = self._decode_model if k == 1 and not want_all else self.model
-        logits = model(tokens, input_pos=pos, caches=self.caches, last_only=not want_all, cache_rows=rows)
+        if self.adapters is not None:
+            self.adapters.set_rows([s.request.adapter_slot for s in seqs])  # (B,) LoRA slot per row
+        try:
+            logits = model(tokens, input_pos=pos, caches=self.caches, last_only=not want_all, cache_rows=rows)
+        finally:
+            if self.adapters is not None:
+                self.adapters.clear_rows()
         for s in seqs:
             s.num_computed += k
         return logits

@@ -4,11 +4,17 @@
     llm = LLM("path/to/model", dtype="bfloat16", max_model_len=4096, seed=0)
     outs = llm.generate(["Hello"], SamplingParams(temperature=0, max_tokens=32))
     print(outs[0].outputs[0].text)
+
+LoRA adapters (PEFT directories) run unmerged, several in one batch, as with vLLM:
+
+    from inhouse import LLM, LoRARequest, SamplingParams
+    outs = llm.generate(["Hi", "Hi"], params, lora_request=[LoRARequest("support", 1, "adapters/support"), None])
 """
 
 from __future__ import annotations
 
 import logging
+import os
 from dataclasses import dataclass
 from typing import Any, Iterator, Optional, Sequence, Union
 
@@ -54,6 +60,8 @@ class LLM:
         compile: compile the decode step with torch.compile (slow first start, cached after).
         adapter: a LoRA adapter directory (PEFT format) applied, unmerged, to every request that names
             no other (`lora_request=LoRARequest(name, id, path)` on generate/chat/stream).
+        max_loras: LoRA adapters resident at once; requests for others wait for a slot (least
+            recently used adapters not in use are evicted).
 
     Raises:
         ValueError (its subclasses) for a model that cannot be found, read or fit in memory.
@@ -63,33 +71,37 @@ class LLM:
                  seed: int = 0, max_num_seqs: int = 8, chat_format: str = "auto",
                  chat_template: Optional[str] = None, tokenizer: Optional[str] = None,
                  max_num_batched_tokens: int = 2048, quantize: Optional[str] = "auto", compile: bool = False,
-                 adapter: Optional[str] = None, **ignored: Any):
+                 adapter: Optional[str] = None, max_loras: int = 8, **ignored: Any):
         for k in ignored:
             logger.info("LLM(%s=...) is a vLLM option inhouse does not use; ignored", k)
         loaded = open_model(model, dtype=dtype, seed=seed, max_model_len=max_model_len, tokenizer=tokenizer,
                             quantize=quantize)
         self._setup(loaded, max_model_len=max_model_len, seed=seed, max_num_seqs=max_num_seqs,
                     chat_format=chat_format, chat_template=chat_template,
-                    max_num_batched_tokens=max_num_batched_tokens, compile=compile)
+                    max_num_batched_tokens=max_num_batched_tokens, compile=compile, max_loras=max_loras)
         if adapter:
-            self._use_adapter(None, default=adapter)
+            self.default_adapter = self.add_lora(adapter)
 
     @classmethod
     def from_model(cls, model, tokenizer, *, name: str = "model", max_model_len: Optional[int] = None,
                    seed: int = 0, max_num_seqs: int = 8, chat_format: str = "auto",
                    chat_template: Optional[str] = None, max_num_batched_tokens: int = 2048,
-                   compile: bool = False) -> "LLM":
+                   compile: bool = False, max_loras: int = 8) -> "LLM":
         """Wrap an already-built `Transformer` and `Tokenizer` (no loading)."""
         self = cls.__new__(cls)
         dtype = model.tok_embeddings.weight.dtype
         loaded = LoadedModel(name, model, tokenizer, model.args, dtype, "memory", None)
         self._setup(loaded, max_model_len=max_model_len, seed=seed, max_num_seqs=max_num_seqs,
                     chat_format=chat_format, chat_template=chat_template,
-                    max_num_batched_tokens=max_num_batched_tokens, compile=compile)
+                    max_num_batched_tokens=max_num_batched_tokens, compile=compile, max_loras=max_loras)
         return self
 
     def _setup(self, loaded: LoadedModel, *, max_model_len, seed, max_num_seqs, chat_format, chat_template,
-               max_num_batched_tokens, compile: bool = False) -> None:
+               max_num_batched_tokens, compile: bool = False, max_loras: int = 8) -> None:
+        if max_loras < 1:
+            raise ValueError(f"max_loras={max_loras} must be at least 1")
+        self.max_loras = max_loras
+        self.default_adapter: Optional[str] = None
         self.loaded = loaded
         args = loaded.args
         if max_model_len is None:
@@ -105,21 +117,49 @@ class LLM:
         # The chat format may end turns with more tokens than the tokenizer's EOS (Llama 3.1: eot + eom).
         self.engine.stop_ids = frozenset(self.engine.stop_ids | self.chat_renderer.stop_ids)
 
-    # ------------------------------------------------------------------ helpers
-    def _use_adapter(self, lora_request: Any, default: Optional[str] = None) -> None:
-        """Activate the LoRA adapter of a call (a `LoRARequest`, one per prompt, or None: the default).
+    # ------------------------------------------------------------------ adapters
+    def add_lora(self, lora: Any, name: Optional[str] = None) -> str:
+        """Register a LoRA adapter (read and checked now, loaded into a slot when a request uses it).
 
-        One adapter runs per batch (see `inhouse.finetune.adapters.AdapterSwitch`)."""
-        switch = getattr(self, "_adapters", None)
-        if lora_request is None and switch is None and default is None:
-            return
-        from inhouse.finetune.adapters import AdapterSwitch
+        Args:
+            lora: a `LoRARequest`, or a PEFT adapter directory.
+            name: the name for a directory (default: the directory's own name).
 
-        if switch is None:
-            switch = self._adapters = AdapterSwitch(self.model)
-        if default is not None:
-            switch.default = default
-        switch.for_requests(lora_request, busy=self.engine.has_unfinished())
+        Returns:
+            The adapter's name (what `adapters` lists and a server request's ``model`` field selects).
+
+        Raises:
+            AdapterError (a ValueError): unreadable adapter, one that does not fit the model, or a
+                name already given to another directory.
+        """
+        from inhouse.finetune.adapters import AdapterBank
+
+        if isinstance(lora, (str, os.PathLike)):
+            path = os.fspath(lora)
+            name = name or os.path.basename(os.path.normpath(path))
+        elif hasattr(lora, "lora_path") and hasattr(lora, "lora_name"):
+            path, name = lora.lora_path, name or lora.lora_name
+        else:
+            raise ValueError(f"lora_request: expected a LoRARequest or an adapter directory, got {type(lora).__name__}")
+        if self.engine.adapters is None:
+            self.engine.adapters = AdapterBank(self.model, max_loras=self.max_loras)
+        self.engine.adapters.add(name, path)
+        return name
+
+    @property
+    def adapters(self) -> list[str]:
+        """Names of the registered LoRA adapters."""
+        return [] if self.engine.adapters is None else self.engine.adapters.names()
+
+    def _adapter_names(self, lora_request: Any, n: int) -> list[Optional[str]]:
+        """The adapter of each of `n` requests: one `LoRARequest` for all, one per prompt, or None (the default)."""
+        if isinstance(lora_request, (list, tuple)):
+            if len(lora_request) != n:
+                raise EngineError(f"got {len(lora_request)} lora_request entries for {n} prompts")
+            items = list(lora_request)
+        else:
+            items = [lora_request] * n
+        return [self.default_adapter if r is None else self.add_lora(r) for r in items]
 
     def get_tokenizer(self):
         """The tokenizer (``encode(text)`` / ``decode(ids)``)."""
@@ -148,11 +188,12 @@ class LLM:
             raise EngineError(f"got {len(params)} SamplingParams for {n} prompts")
         return params
 
-    def _run(self, items: list[tuple[Optional[str], list[int]]], params: list[SamplingParams]) -> list[RequestOutput]:
+    def _run(self, items: list[tuple[Optional[str], list[int]]], params: list[SamplingParams],
+             adapters: list[Optional[str]]) -> list[RequestOutput]:
         reqs: list[Request] = []
         try:
-            for (text, ids), p in zip(items, params):
-                reqs.append(self.engine.add_request(ids, p, prompt=text))
+            for (text, ids), p, a in zip(items, params, adapters):
+                reqs.append(self.engine.add_request(ids, p, prompt=text, adapter=a))
         except Exception:
             for r in reqs:
                 self.engine.abort(r.request_id)
@@ -165,14 +206,18 @@ class LLM:
                  use_tqdm: bool = False, lora_request: Any = None) -> list[RequestOutput]:
         """Complete each prompt. Prompts: strings, ``{"prompt_token_ids": [...]}`` dicts, or a list of them.
 
+        `lora_request`: a `LoRARequest` for every prompt, or a list with one (or None) per prompt;
+        prompts of different adapters and of the base model run in the same batches.
+
         Returns one `RequestOutput` per prompt, in order. Raises `ContextLengthError` (a ValueError)
-        when a prompt, or prompt + max_tokens, does not fit in max_model_len — before running anything.
+        when a prompt, or prompt + max_tokens, does not fit in max_model_len — before running anything;
+        `AdapterError` (a ValueError) for an adapter that cannot be read or does not fit the model.
         """
         if isinstance(prompts, (str, dict)) or (isinstance(prompts, list) and prompts and isinstance(prompts[0], int)):
             prompts = [prompts]
         items = [self._to_ids(p) for p in prompts]
-        self._use_adapter(lora_request)
-        return self._run(items, self._params_list(sampling_params, len(items)))
+        adapters = self._adapter_names(lora_request, len(items))
+        return self._run(items, self._params_list(sampling_params, len(items)), adapters)
 
     def chat(self, messages: Union[list[dict], list[list[dict]]],
              sampling_params: Union[SamplingParams, Sequence[SamplingParams], None] = None,
@@ -188,8 +233,8 @@ class LLM:
         renderer = self.chat_renderer if chat_template is None else ChatRenderer(self.tokenizer, template=chat_template)
         items = [(None, renderer.encode(c, tools=tools, add_generation_prompt=add_generation_prompt, **template_kwargs))
                  for c in convs]
-        self._use_adapter(lora_request)
-        return self._run(items, self._params_list(sampling_params, len(items)))
+        adapters = self._adapter_names(lora_request, len(items))
+        return self._run(items, self._params_list(sampling_params, len(items)), adapters)
 
     def parse_reply(self, text: str, ended_with_eom: bool = False):
         """Split a reply into content and tool calls (`ParsedAssistant`)."""
@@ -207,8 +252,8 @@ class LLM:
             text, ids = None, self.chat_renderer.encode(prompt, tools=tools)
         else:
             text, ids = self._to_ids(prompt)
-        self._use_adapter(lora_request)
-        req = self.engine.add_request(ids, params, prompt=text)
+        adapter = self._adapter_names(lora_request, 1)[0]
+        req = self.engine.add_request(ids, params, prompt=text, adapter=adapter)
         try:
             while not req.finished:
                 for u in self.engine.step():

@@ -5,14 +5,15 @@
 
 * `data`: JSONL records -> the model's chat format (the renderer serving uses) -> loss on assistant tokens.
 * `recipe`: the training loop (AdamW, warm-up + cosine, accumulation, checkpoints, resume).
-* `adapters`: PEFT ``adapter_config.json`` + ``adapter_model.safetensors``, load/apply, `LoRARequest`.
+* `adapters`: PEFT ``adapter_config.json`` + ``adapter_model.safetensors``, load/apply, `LoRARequest`,
+  `AdapterBank` (several named adapters served in one batch).
 * `merge`: fold an adapter into its base and write Hugging Face safetensors.
 """
 
-from inhouse.finetune.adapters import LoRARequest, load_adapter, read_adapter, save_adapter
+from inhouse.finetune.adapters import AdapterBank, LoRARequest, load_adapter, read_adapter, save_adapter
 from inhouse.finetune.data import DataError, load_dataset
 from inhouse.finetune.merge import export_hf, merge_adapter
 from inhouse.finetune.recipe import FinetuneConfig, FinetuneError, run_finetune, train
 
-__all__ = ["LoRARequest", "load_adapter", "read_adapter", "save_adapter", "DataError", "load_dataset",
+__all__ = ["AdapterBank", "LoRARequest", "load_adapter", "read_adapter", "save_adapter", "DataError", "load_dataset",
            "export_hf", "merge_adapter", "FinetuneConfig", "FinetuneError", "run_finetune", "train"]

@@ -10,14 +10,21 @@ B's rows, so B of q/k is permuted on export and un-permuted on import; A is unch
 
 Not supported (refused with a message): DoRA, biases, ``modules_to_save``, per-module rank/alpha
 patterns, ``fan_in_fan_out``, and targets other than the seven block projections.
+
+Two ways to run an adapter unmerged: `load_adapter` wraps the model's layers in single-adapter
+`LoRALinear` (what fine-tuning and ``inhouse merge`` use); `AdapterBank` holds several named
+adapters in `MultiLoRALinear` slots so that one batch mixes rows of different adapters and of
+the base model (what `inhouse.LLM` and ``inhouse serve --adapter NAME=DIR`` use).
 """
 
 from __future__ import annotations
 
 import json
 import logging
+import math
 import os
 import re
+from collections import OrderedDict
 from dataclasses import dataclass
 from typing import Any, Optional, Union
 
@@ -25,7 +32,8 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from inhouse.model.lora import HF_TARGET_NAMES, LORA_TARGETS, LoRALinear, apply_lora, lora_modules
+from inhouse.model.lora import HF_TARGET_NAMES, LORA_TARGETS, apply_lora, lora_modules
+from inhouse.model.multi_lora import AdapterRows, apply_multi_lora, multi_lora_modules
 from inhouse.weights.names import unpermute_hf_qk
 
 logger = logging.getLogger("inhouse.finetune")
@@ -259,71 +267,162 @@ def load_adapter(model, adapter: Union[str, AdapterSpec]) -> AdapterSpec:
     return spec
 
 
-class AdapterSwitch:
-    """Keeps one adapter active on a model for `inhouse.LLM`: the default, another, or none (base).
+def check_adapter(spec: AdapterSpec, model) -> None:
+    """Check that an adapter fits `model`: each layer it targets exists, with A (r, in) and B (out, r).
 
-    The engine runs one set of weights per batch, so a switch is only allowed while no request is
-    running; requests for different adapters in one batch need per-row LoRA in the engine.
+    Raises:
+        AdapterError: naming the adapter directory and the first problem.
+    """
+    if spec.rank < 1:
+        raise AdapterError(f"adapter {spec.path}: rank r={spec.rank} must be at least 1")
+    modules: dict[str, set[str]] = {}
+    for name in spec.tensors:
+        path, _, ab = name.rpartition(".lora_")  # "layers.N.attention.wq", "a.weight"
+        modules.setdefault(path, set()).add(ab[0])
+    for path, have in sorted(modules.items()):
+        if have != {"a", "b"}:
+            missing = "B" if "a" in have else "A"
+            raise AdapterError(f"adapter {spec.path}: {path} has LoRA {'A' if missing == 'B' else 'B'} but no {missing}")
+        try:
+            layer = model.get_submodule(path)
+        except AttributeError:
+            raise AdapterError(f"adapter {spec.path}: the model has no layer {path}") from None
+        a, b = spec.tensors[f"{path}.lora_a.weight"], spec.tensors[f"{path}.lora_b.weight"]
+        want_a, want_b = (spec.rank, layer.in_features), (layer.out_features, spec.rank)
+        if tuple(a.shape) != want_a or tuple(b.shape) != want_b:
+            raise AdapterError(f"adapter {spec.path}: {path} has A {tuple(a.shape)} and B {tuple(b.shape)}; "
+                               f"rank {spec.rank} on this model needs A {want_a} and B {want_b} "
+                               "(an adapter for another model?)")
+
+
+class AdapterBank:
+    """Named LoRA adapters served together on one model, each batch row with its own (see `inhouse.model.multi_lora`).
+
+    Adapters are read and checked once, when added, and kept in host memory. At most `max_loras`
+    are resident in the model's `MultiLoRALinear` slots at a time; a request needing another one
+    takes a free slot, or the slot of the least recently used adapter that no running request
+    holds; when every slot is held, the request waits (`acquire` returns None). Adapters of
+    different ranks and targets share the slots (smaller ranks zero-padded; a layer an adapter
+    does not target stays zero for it).
+
+    Args:
+        model: the `Transformer` to serve (no single-adapter `LoRALinear` layers on it).
+        max_loras: adapters resident at once (``--max-loras``).
+
+    Raises:
+        ValueError: max_loras < 1.
     """
 
-    def __init__(self, model, default: Optional[str] = None):
-        self.model = model
-        self.default = default
-        self.active: Optional[str] = None
-        self._specs: dict[str, AdapterSpec] = {}
-        if default:
-            self.use(default)
+    def __init__(self, model, max_loras: int = 8):
+        if max_loras < 1:
+            raise ValueError(f"max_loras={max_loras} must be at least 1")
+        self.model, self.max_loras = model, max_loras
+        self.rows = AdapterRows()
+        self.specs: dict[str, AdapterSpec] = {}
+        self.slot_of: "OrderedDict[str, int]" = OrderedDict()  # resident adapters, least recently used first
+        self.refs: dict[str, int] = {}  # running requests holding each resident adapter
+        self.n_slots = 1  # slots allocated in the layers, slot 0 (base) included
+        self.rank = 1  # padded rank of the layers
+        self.loads = 0
+        self.evictions = 0
+        self.device = model.tok_embeddings.weight.device
 
-    def _spec(self, path: str) -> AdapterSpec:
-        key = os.path.abspath(path)
-        if key not in self._specs:
-            self._specs[key] = read_adapter(path, self.model.args)
-        return self._specs[key]
+    # ------------------------------------------------------------------ names
+    def add(self, name: str, path: str) -> AdapterSpec:
+        """Register adapter `name` from a PEFT directory (read and checked now; loaded into a slot when used).
 
-    def use(self, path: Optional[str], busy: bool = False) -> None:
-        """Make `path` the active adapter (None: the base model).
+        Adding the same name and directory again does nothing.
 
         Raises:
-            AdapterError: `busy` (requests are running) and `path` is not the active adapter.
+            AdapterError: unreadable or unfitting adapter, or `name` already given to another directory.
         """
-        same = (path is None and self.active is None) or (
-            path is not None and self.active is not None and os.path.abspath(path) == os.path.abspath(self.active))
-        if same and (path is not None or not any(m.enabled for m in lora_modules(self.model).values())):
-            return
-        if busy:
-            raise AdapterError("cannot switch LoRA adapters while requests are running: the engine runs one "
-                               "adapter per batch")
-        if path is None:
-            for m in lora_modules(self.model).values():
-                m.enabled = False
-            self.active = None
-            return
-        spec = self._spec(path)
-        if lora_modules(self.model):
-            mods = lora_modules(self.model)
-            shape = {(m.rank, m.alpha, m.use_rslora) for m in mods.values()}
-            have = sorted({p.split(".")[3] for p in mods})
-            if shape != {(spec.rank, spec.alpha, spec.use_rslora)} or have != spec.targets:
-                from inhouse.model.lora import remove_lora
+        if not name:
+            raise AdapterError(f"adapter {path}: its name must not be empty")
+        old = self.specs.get(name)
+        if old is not None:
+            if os.path.abspath(old.path) == os.path.abspath(path):
+                return old
+            raise AdapterError(f"adapter name {name!r} is already used for {old.path}; cannot also give it to {path}")
+        spec = read_adapter(path, self.model.args)
+        check_adapter(spec, self.model)
+        self.specs[name] = spec
+        logger.info("adapter %s: %s (rank %d, alpha %g, %s)", name, path, spec.rank, spec.alpha, ", ".join(spec.targets))
+        return spec
 
-                remove_lora(self.model)
-        load_adapter(self.model, spec)
-        self.active = path
+    def __contains__(self, name: object) -> bool:
+        return name in self.specs
 
-    def for_requests(self, lora_request, busy: bool = False) -> None:
-        """Select the adapter for one `generate`/`chat` call's `lora_request` (one, or one per prompt)."""
-        if isinstance(lora_request, (list, tuple)):
-            paths = {None if r is None else _path_of(r) for r in lora_request}
-            if len(paths) > 1:
-                raise AdapterError("requests for different adapters in one call are not supported yet: "
-                                   "the engine runs one adapter per batch; make one call per adapter")
-            lora_request = next(iter(lora_request), None)
-        self.use(self.default if lora_request is None else _path_of(lora_request), busy=busy)
+    def names(self) -> list[str]:
+        """Registered adapter names, in the order they were added."""
+        return list(self.specs)
 
+    def resident(self) -> list[str]:
+        """Adapters now in slots, least recently used first."""
+        return list(self.slot_of)
 
-def _path_of(r: Union[LoRARequest, str]) -> str:
-    return r if isinstance(r, str) else r.lora_path
+    # ------------------------------------------------------------------ slots
+    def acquire(self, name: str) -> Optional[int]:
+        """Hold adapter `name` for one running request; returns its slot (>= 1), or None if every slot is held.
+
+        Raises:
+            KeyError: `name` was never added.
+        """
+        if name not in self.specs:
+            raise KeyError(f"unknown adapter {name!r}")
+        slot = self.slot_of.get(name)
+        if slot is None:
+            slot = self._free_slot()
+            if slot is None:
+                return None
+            self._load(name, slot)
+        self.slot_of.move_to_end(name)
+        self.refs[name] = self.refs.get(name, 0) + 1
+        return slot
+
+    def release(self, name: str) -> None:
+        """A request holding `name` ended (its slot may now be reused)."""
+        n = self.refs.get(name, 0) - 1
+        assert n >= 0, f"adapter {name} released more often than acquired"
+        self.refs[name] = n
+
+    def _free_slot(self) -> Optional[int]:
+        used = set(self.slot_of.values())
+        for s in range(1, self.n_slots):
+            if s not in used:
+                return s
+        if self.n_slots - 1 < self.max_loras:
+            self.n_slots += 1
+            return self.n_slots - 1
+        for name, slot in self.slot_of.items():  # least recently used first
+            if not self.refs.get(name):
+                del self.slot_of[name]
+                self.refs.pop(name, None)
+                self.evictions += 1
+                logger.info("adapter %s evicted from slot %d (more than %d adapters in use)", name, slot, self.max_loras)
+                return slot
+        return None
+
+    def _load(self, name: str, slot: int) -> None:
+        spec = self.specs[name]
+        self.rank = max(self.rank, spec.rank)
+        apply_multi_lora(self.model, spec.targets, self.rows, self.n_slots, self.rank)
+        scaling = spec.alpha / (math.sqrt(spec.rank) if spec.use_rslora else spec.rank)
+        for path, layer in multi_lora_modules(self.model).items():
+            layer.reserve(self.n_slots, self.rank)
+            a, b = spec.tensors.get(f"{path}.lora_a.weight"), spec.tensors.get(f"{path}.lora_b.weight")
+            layer.set_slot(slot, a, b, scaling)
+        self.slot_of[name] = slot
+        self.loads += 1
+        logger.debug("adapter %s loaded into slot %d", name, slot)
+
+    # ------------------------------------------------------------------ rows
+    def set_rows(self, slots: list[int]) -> None:
+        """The slot of each row of the next forward (0: the base model)."""
+        self.rows.set(slots, self.device)
+
+    def clear_rows(self) -> None:
+        self.rows.clear()
 
 
 __all__ = ["ADAPTER_CONFIG", "ADAPTER_WEIGHTS", "AdapterError", "LoRARequest", "AdapterSpec", "hf_permute_rows",
-           "save_adapter", "read_adapter", "load_adapter", "AdapterSwitch"]
+           "save_adapter", "read_adapter", "load_adapter", "check_adapter", "AdapterBank"]

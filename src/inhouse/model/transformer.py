@@ -83,6 +83,27 @@ def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     return out.flatten(-2).type_as(x)  # (B, T, n, hd)
 
 
+# Score elements (B*H*T*T) up to which a bf16 full causal forward writes the scores out (see
+# `_causal_attention_math`): 4 MiB of fp32 per layer, kept for the backward pass.
+SMALL_SCORES = 1 << 20
+
+
+def _causal_attention_math(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor) -> torch.Tensor:
+    """Causal GQA attention as plain matmuls and a softmax (q (B, H, T, hd); k, v (B, K, T, hd)).
+
+    For short bf16 sequences — fine-tuning batches — PyTorch's CPU flash attention is several
+    times slower than this, forward + backward (B=8, H=9, T=50: 7.0 vs 2.0 ms; T=128: 16 vs
+    7 ms); from a few hundred positions flash wins and its memory stays linear in T.
+    """
+    B, H, T, hd = q.shape
+    rep = H // k.shape[1]
+    k, v = k.repeat_interleave(rep, dim=1), v.repeat_interleave(rep, dim=1)  # (B, H, T, hd)
+    scores = (q @ k.transpose(-1, -2)) * (1.0 / math.sqrt(hd))  # (B, H, T, T)
+    causal = torch.ones(T, T, dtype=torch.bool, device=q.device).tril()
+    probs = scores.masked_fill(~causal, float("-inf")).softmax(-1)
+    return (probs @ v).type_as(q)  # (B, H, T, hd)
+
+
 def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[torch.Tensor]) -> torch.Tensor:
     """Grouped-query attention: query head h reads key/value head h // (H/K).
 
@@ -98,6 +119,9 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
     softmax in fp32. Longer chunks use SDPA.
     """
     if mask is None:
+        B, H, T, hd = q.shape
+        if q.dtype != torch.float32 and B * H * T * T <= SMALL_SCORES:
+            return _causal_attention_math(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
     B, H, T, hd = q.shape
     K = k.shape[1]

@@ -4,7 +4,7 @@
     from inhouse.server import create_app, serve
     serve(create_app(LLM(), api_keys=None), host="127.0.0.1", port=8000)
 
-or, from the shell, ``inhouse serve [MODEL] --api-key-file keys.txt``.
+or, from the shell, ``inhouse serve [MODEL] --api-key-file keys.txt [--adapter NAME=DIR ...]``.
 """
 
 from inhouse.server.app import create_app, serve, static_dir

@@ -51,10 +51,17 @@ def create_app(llm, *, api_keys: Optional[ApiKeys] = None, served_model_names: O
         llm: an `inhouse.LLM`; nothing else may use its engine while the app runs.
         api_keys: accepted keys; None leaves the API open (a warning is logged at start).
         served_model_names: names clients use for the model (default: the model's own name).
+            The LoRA adapters registered on `llm` (`LLM.add_lora`) are served too, each under its
+            own name: a request's ``model`` picks the base model or one adapter, and requests for
+            different ones share batches.
         max_queue: sequences allowed to wait beyond ``max_num_seqs``; past that requests get 429.
         request_timeout: seconds a request may take in all; None: no limit.
     """
     names = list(served_model_names or [llm.loaded.name])
+    adapters = list(getattr(llm, "adapters", []))  # LoRA adapters registered on the LLM (`LLM.add_lora`)
+    clash = sorted(set(names) & set(adapters))
+    if clash:
+        raise ValueError(f"adapter name {clash[0]!r} is also a name of the base model; give the adapter another name")
     metrics = ServerMetrics(max_num_seqs=llm.engine.max_num_seqs, queue_limit=max_queue)
 
     def on_finish(rid: str, output, error) -> None:  # every end, including aborts by vanished clients
@@ -67,7 +74,7 @@ def create_app(llm, *, api_keys: Optional[ApiKeys] = None, served_model_names: O
 
     engine = AsyncEngine(llm.engine, max_queue=max_queue, request_timeout=request_timeout, on_finish=on_finish)
     metrics._stats = lambda: engine.stats
-    state = ServerState(llm, engine, metrics, names)
+    state = ServerState(llm, engine, metrics, names, adapters)
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI):
@@ -79,6 +86,8 @@ def create_app(llm, *, api_keys: Optional[ApiKeys] = None, served_model_names: O
             logger.warning("!" * 78)
         logger.info("serving %s (context %d tokens, %d sequences at once, queue %d)", ", ".join(names),
                     llm.max_model_len, llm.engine.max_num_seqs, max_queue)
+        if adapters:
+            logger.info("LoRA adapters: %s (at most %d resident at once)", ", ".join(adapters), llm.max_loras)
         try:
             yield
         finally:
@@ -161,7 +170,9 @@ def create_app(llm, *, api_keys: Optional[ApiKeys] = None, served_model_names: O
     @app.get("/v1/models")
     async def list_models():
         data = [{"id": n, "object": "model", "created": state.created, "owned_by": "inhouse",
-                 "max_model_len": llm.max_model_len} for n in names]
+                 "max_model_len": llm.max_model_len, "parent": None} for n in names]
+        data += [{"id": a, "object": "model", "created": state.created, "owned_by": "inhouse",
+                  "max_model_len": llm.max_model_len, "parent": names[0]} for a in adapters]
         return {"object": "list", "data": data}
 
     @app.post("/v1/chat/completions")

@@ -77,6 +77,7 @@ class _Pending:
     accepted: asyncio.Future
     deadline: Optional[float]
     n_seqs: int
+    adapter: Optional[str] = None
 
 
 @dataclass
@@ -141,8 +142,9 @@ class AsyncEngine:
         return f"{prefix}-{self._ids}"
 
     async def submit(self, prompt_token_ids: list[int], params: SamplingParams, *, request_id: str,
-                     prompt: Optional[str] = None) -> asyncio.Queue:
-        """Queue a request; returns the queue its `Delta`s and final `Final` arrive on.
+                     prompt: Optional[str] = None, adapter: Optional[str] = None) -> asyncio.Queue:
+        """Queue a request (`adapter`: a LoRA adapter name, None: the base model); returns the queue
+        its `Delta`s and final `Final` arrive on.
 
         Raises:
             QueueFullError: admitting it would exceed ``max_num_seqs + max_queue`` sequences.
@@ -156,7 +158,7 @@ class AsyncEngine:
         accepted = loop.create_future()
         deadline = None if self.request_timeout is None else time.monotonic() + self.request_timeout
         self.in_flight += n
-        pending = _Pending(request_id, list(prompt_token_ids), params, prompt, sink, accepted, deadline, n)
+        pending = _Pending(request_id, list(prompt_token_ids), params, prompt, sink, accepted, deadline, n, adapter)
         self._inbox.put(("add", pending))
         try:
             await accepted  # raises the engine's validation error, if any
@@ -197,7 +199,7 @@ class AsyncEngine:
             if kind == "add":
                 p: _Pending = item
                 try:
-                    self.engine.add_request(p.ids, p.params, prompt=p.prompt, request_id=p.rid)
+                    self.engine.add_request(p.ids, p.params, prompt=p.prompt, request_id=p.rid, adapter=p.adapter)
                 except Exception as e:  # validation errors go back to the caller
                     self._post(self._rejected, p, e)
                     continue

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import re
 from typing import Optional
 
@@ -31,6 +32,27 @@ def seqs_for_budget(args, max_model_len: int, element_size: int, budget: int) ->
     return int(n)
 
 
+def parse_adapter_specs(specs: Optional[list[str]]) -> list[tuple[str, str]]:
+    """``--adapter NAME=DIR`` values -> [(name, dir)], checked before the model loads.
+
+    Raises:
+        ValueError: naming the offending value (no ``=``, an empty or repeated name, a missing directory).
+    """
+    out: list[tuple[str, str]] = []
+    for spec in specs or []:
+        name, eq, path = spec.partition("=")
+        name, path = name.strip(), path.strip()
+        if not eq or not name or not path:
+            raise ValueError(f"--adapter {spec!r}: expected NAME=DIR (the name clients put in 'model', and a PEFT "
+                             "adapter directory)")
+        if any(name == n for n, _ in out):
+            raise ValueError(f"--adapter {spec!r}: the name {name!r} is given twice")
+        if not os.path.isdir(path):
+            raise ValueError(f"--adapter {spec!r}: {path} is not a directory")
+        out.append((name, path))
+    return out
+
+
 def run_serve(a: argparse.Namespace) -> int:
     """Implements `inhouse serve` (see `inhouse serve --help`)."""
     from inhouse import LLM
@@ -48,8 +70,13 @@ def run_serve(a: argparse.Namespace) -> int:
             template = f.read()
     max_num_seqs = a.max_num_seqs
     budget = parse_size(a.kv_cache_memory) if a.kv_cache_memory else None
+    adapters = parse_adapter_specs(getattr(a, "adapter", None))
+    max_loras = getattr(a, "max_loras", 8)
+    if max_loras < 1:
+        raise ValueError(f"--max-loras={max_loras} must be at least 1")
     llm = LLM(a.model, dtype=a.dtype, max_model_len=a.max_model_len, seed=a.seed or 0, max_num_seqs=max_num_seqs,
-              chat_format=a.chat_format, chat_template=template)
+              chat_format=a.chat_format, chat_template=template, max_loras=max_loras,
+              quantize=getattr(a, "quantize", "auto"), compile=getattr(a, "compile", False))
     if budget is not None:
         elsize = llm.model.tok_embeddings.weight.element_size()
         fit = seqs_for_budget(llm.loaded.args, llm.max_model_len, elsize, budget)
@@ -58,7 +85,9 @@ def run_serve(a: argparse.Namespace) -> int:
                         a.kv_cache_memory, fit, llm.max_model_len, max_num_seqs)
             llm = LLM.from_model(llm.model, llm.tokenizer, name=llm.loaded.name, max_model_len=llm.max_model_len,
                                  seed=a.seed or 0, max_num_seqs=fit, chat_format=a.chat_format,
-                                 chat_template=template)
+                                 chat_template=template, max_loras=max_loras, compile=getattr(a, "compile", False))
+    for name, path in adapters:
+        llm.add_lora(path, name=name)  # AdapterError (a ValueError) names the directory and the problem
     timeout = a.request_timeout if a.request_timeout and a.request_timeout > 0 else None
     app = create_app(llm, api_keys=keys, served_model_names=a.served_model_name, max_queue=a.max_queue,
                      request_timeout=timeout)

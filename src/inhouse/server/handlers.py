@@ -34,12 +34,17 @@ TOOL_CALL_STARTS = ("{", "[", "<function", "<|python_tag|>", "brave_search.", "w
 
 @dataclass
 class ServerState:
-    """What the handlers share: the model, its engine thread, names, metrics."""
+    """What the handlers share: the model, its engine thread, names, metrics.
+
+    ``names`` are the base model's names; ``adapters`` the LoRA adapter names (a request's
+    ``model`` field picks the base model or one adapter).
+    """
 
     llm: Any  # inhouse.LLM
     engine: AsyncEngine
     metrics: ServerMetrics
     names: list[str]
+    adapters: list[str] = field(default_factory=list)
     created: int = field(default_factory=lambda: int(time.time()))
 
     @property
@@ -57,13 +62,16 @@ async def read_json(request: Request) -> Any:
         raise ApiError(400, f"the request body is not valid JSON{pos}") from None
 
 
-def check_model(state: ServerState, model: Optional[str]) -> str:
+def check_model(state: ServerState, model: Optional[str]) -> tuple[str, Optional[str]]:
+    """The request's ``model`` -> (name to answer with, LoRA adapter or None for the base model)."""
     if model is None or model == "":
-        return state.names[0]
-    if model not in state.names:
-        raise ApiError(404, f"the model '{model}' does not exist; this server serves {', '.join(state.names)}",
-                       param="model", code="model_not_found")
-    return model
+        return state.names[0], None
+    if model in state.names:
+        return model, None
+    if model in state.adapters:
+        return model, model
+    raise ApiError(404, f"the model '{model}' does not exist; this server serves "
+                        f"{', '.join(state.names + state.adapters)}", param="model", code="model_not_found")
 
 
 def _params(state: ServerState, req: Any, *, max_tokens: Optional[int], logprobs: Optional[int],
@@ -89,9 +97,9 @@ def _params(state: ServerState, req: Any, *, max_tokens: Optional[int], logprobs
 
 
 async def _submit(state: ServerState, ids: list[int], params: SamplingParams, rid: str, prompt: Optional[str],
-                  prompt_param: str) -> asyncio.Queue:
+                  prompt_param: str, model: str, adapter: Optional[str]) -> asyncio.Queue:
     try:
-        sink = await state.engine.submit(ids, params, request_id=rid, prompt=prompt)
+        sink = await state.engine.submit(ids, params, request_id=rid, prompt=prompt, adapter=adapter)
     except QueueFullError as e:
         state.metrics.rejected.inc()
         raise ApiError(429, str(e), type="rate_limit_error", code="server_busy",
@@ -102,6 +110,7 @@ async def _submit(state: ServerState, ids: list[int], params: SamplingParams, ri
     except EngineError as e:
         raise ApiError(400, str(e), param=prompt_param) from None
     state.metrics.prompt_tokens.inc(len(ids))
+    state.metrics.model_requests.inc(1, model)
     return sink
 
 
@@ -251,7 +260,7 @@ async def chat_completions(state: ServerState, request: Request) -> Response:
     """``POST /v1/chat/completions``."""
     arrival = time.monotonic()
     req = parse_body(ChatCompletionRequest, await read_json(request))
-    model = check_model(state, req.model)
+    model, adapter = check_model(state, req.model)
     if not req.messages:
         raise ApiError(400, "messages: must be a non-empty list", param="messages")
     setup = _check_tools(req)
@@ -275,7 +284,7 @@ async def chat_completions(state: ServerState, request: Request) -> Response:
     parse_tools = setup.parse and native
     params = _params(state, req, max_tokens=max_tokens, logprobs=k, skip_special=not parse_tools)
     rid = f"chatcmpl-{uuid.uuid4().hex}"
-    sink = await _submit(state, ids, params, rid, None, "messages")
+    sink = await _submit(state, ids, params, rid, None, "messages", model, adapter)
     timing = _Timing(state.metrics, arrival)
     eom = state.llm.tokenizer.special_tokens.get("<|eom_id|>")
     if req.stream:
@@ -407,7 +416,7 @@ async def completions(state: ServerState, request: Request) -> Response:
     """``POST /v1/completions``."""
     arrival = time.monotonic()
     req = parse_body(CompletionRequest, await read_json(request))
-    model = check_model(state, req.model)
+    model, adapter = check_model(state, req.model)
     p = req.prompt
     if isinstance(p, str):
         prompts: list = [p]
@@ -434,7 +443,7 @@ async def completions(state: ServerState, request: Request) -> Response:
     try:
         for j, (text, ids) in enumerate(items):
             rid = f"{base}-{j}"
-            sinks.append((rid, await _submit(state, ids, params, rid, text, "prompt")))
+            sinks.append((rid, await _submit(state, ids, params, rid, text, "prompt", model, adapter)))
     except BaseException:
         for rid, _ in sinks:
             state.engine.abort(rid)

@@ -111,6 +111,9 @@ class ServerMetrics:
         self.prompt_tokens = Counter("inhouse_prompt_tokens_total", "Prompt tokens of admitted requests.")
         self.generated_tokens = Counter("inhouse_generation_tokens_total", "Tokens generated.")
         self.rejected = Counter("inhouse_rejected_total", "Requests refused because the queue was full (HTTP 429).")
+        self.model_requests = Counter("inhouse_model_requests_total",
+                                      "Generation requests admitted, by model (the base model's name or a LoRA adapter's).",
+                                      ("model",))
         self.ttft = Histogram("inhouse_time_to_first_token_seconds", "Time from arrival to the first generated token.",
                               TTFT_BUCKETS)
         self.tpot = Histogram("inhouse_time_per_output_token_seconds",
@@ -140,6 +143,7 @@ class ServerMetrics:
         """The whole exposition, one metric family after another."""
         out: list[str] = []
         families = [self.requests, self.finished, self.prompt_tokens, self.generated_tokens, self.rejected,
+                    self.model_requests,
                     self.ttft, self.tpot, self.e2e, *self.gauges]
         for m in families:
             out.append(f"# HELP {m.name} {m.help}")

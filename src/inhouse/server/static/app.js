@@ -131,7 +131,7 @@ async function loadModels() {
     sel.replaceChildren();
     for (const m of data.data) {
       const o = document.createElement("option");
-      o.value = m.id; o.textContent = m.id;
+      o.value = m.id; o.textContent = m.parent ? `${m.id} (adapter of ${m.parent})` : m.id;
       sel.appendChild(o);
     }
     if (previous && [...sel.options].some((o) => o.value === previous)) sel.value = previous;

@@ -1,0 +1,106 @@
+"""LoRA adapters in the engine: one call mixing adapters and the base model runs them in the same
+batches, and each request's greedy output equals a separate run on a model carrying only its adapter
+(applied with the single-adapter `load_adapter` path, independent of the multi-adapter layers)."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from inhouse import LLM, LoRARequest, SamplingParams
+from inhouse.config import ModelArgs, RopeScaling
+from inhouse.engine.engine import EngineError
+from inhouse.finetune.adapters import load_adapter, save_adapter
+from inhouse.model.lora import apply_lora, lora_modules
+from inhouse.model.transformer import Transformer
+
+GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
+
+
+def tiny() -> Transformer:
+    """A fresh copy of the engine tests' tiny Llama (the session fixture must not get adapter layers)."""
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, hidden_dim=128,
+                     rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64), max_seq_len=256)
+    torch.manual_seed(0)
+    m = Transformer(args)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, 0.2)
+    return m.eval()
+
+
+@pytest.fixture(scope="module")
+def adapter_dirs(tmp_path_factory):
+    d = tmp_path_factory.mktemp("adapters")
+    out = {}
+    for i, (name, targets, rank) in enumerate([("x", "wq,wv,w2", 4), ("y", "all", 8), ("z", "wo,w1", 2)]):
+        model = tiny()
+        apply_lora(model, targets, rank=rank, alpha=2.0 * rank, seed=i)
+        g = torch.Generator().manual_seed(10 + i)
+        with torch.no_grad():
+            for m in lora_modules(model).values():
+                m.lora_b.weight.copy_(torch.randn(m.lora_b.weight.shape, generator=g) * 0.2)
+        out[name] = save_adapter(model, str(d / name))
+    return out
+
+
+def reference(tok, adapter_dir, prompts):
+    """Greedy ids of `prompts` on a fresh model with only this adapter (None: none)."""
+    model = tiny()
+    if adapter_dir is not None:
+        load_adapter(model, adapter_dir)
+    llm = LLM.from_model(model, tok, name="ref", max_model_len=128)
+    return [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY)]
+
+
+def test_mixed_adapters_in_one_call_equal_separate_runs(tok, adapter_dirs):
+    texts = ["Hello there", "The capital of France is", "def f(x):\n    return x", "مرحبا بالعالم",
+             "One two three four five six seven eight nine ten eleven twelve", "🙂 emoji", "Lorem ipsum", "Why?"]
+    which = ["x", None, "y", "z", "x", "y", None, "z"]
+    prompts = [{"prompt_token_ids": tok.encode(t, bos=True)} for t in texts]
+    reqs = [None if w is None else LoRARequest(w, i + 1, adapter_dirs[w]) for i, w in enumerate(which)]
+    # 4 rows, 2 adapter slots for 3 adapters, small prompt chunks: requests wait for rows and for
+    # slots, adapters are evicted and loaded again, chunks and one-token rows interleave.
+    llm = LLM.from_model(tiny(), tok, name="tiny", max_model_len=128, max_num_seqs=4, max_loras=2,
+                         max_num_batched_tokens=8)
+    batches: list[list[int]] = []
+    llm.model.register_forward_pre_hook(
+        lambda mod, args: batches.append(list(llm.engine.adapters.rows.per_row)))
+    got = [o.outputs[0].token_ids for o in llm.generate(prompts, GREEDY, lora_request=reqs)]
+
+    for name in (None, "x", "y", "z"):
+        idx = [i for i, w in enumerate(which) if w == name]
+        want = reference(tok, None if name is None else adapter_dirs[name], [prompts[i] for i in idx])
+        assert [got[i] for i in idx] == want, name
+    assert len({tuple(got[i]) for i in (0, 1, 2, 3)}) == 4  # the adapters change the output
+    bank = llm.engine.adapters
+    assert bank.evictions >= 1 and bank.loads == 2 + bank.evictions  # 3 adapters through 2 slots
+    assert sorted(bank.names()) == ["x", "y", "z"]
+    # Some forward ran base rows and rows of two different adapters together.
+    assert any(0 in b and len(set(b) - {0}) >= 2 for b in batches)
+    assert all(r == 0 for r in bank.refs.values())  # every request released its adapter
+
+
+def test_default_adapter_stream_chat_and_errors(tok, adapter_dirs):
+    prompt = {"prompt_token_ids": tok.encode("Hello there", bos=True)}
+    [want_x] = reference(tok, adapter_dirs["x"], [prompt])
+    [want_base] = reference(tok, None, [prompt])
+    llm = LLM.from_model(tiny(), tok, name="tiny", max_model_len=128)
+    assert llm.add_lora(adapter_dirs["x"]) == "x"  # named after its directory
+    llm.default_adapter = "x"  # what LLM(model, adapter=DIR) sets
+    assert llm.generate(prompt, GREEDY)[0].outputs[0].token_ids == want_x
+    ids = [t for d in llm.stream(prompt["prompt_token_ids"], GREEDY) for t in d.token_ids]
+    assert ids == want_x
+    llm.default_adapter = None
+    ids = [t for d in llm.stream(prompt["prompt_token_ids"], GREEDY, lora_request=LoRARequest("x", 1, adapter_dirs["x"]))
+           for t in d.token_ids]
+    assert ids == want_x
+    assert llm.generate(prompt, GREEDY)[0].outputs[0].token_ids == want_base
+    with pytest.raises(EngineError, match="2 lora_request entries for 1 prompts"):
+        llm.generate(prompt, GREEDY, lora_request=[None, None])
+    with pytest.raises(EngineError, match="unknown LoRA adapter 'nope'; known: x"):
+        llm.engine.add_request([1, 2, 3], GREEDY, adapter="nope")
+    msgs = [{"role": "user", "content": "Hi"}]
+    chat_x = llm.chat(msgs, GREEDY, lora_request=LoRARequest("x", 1, adapter_dirs["x"]))[0].outputs[0].token_ids
+    chat_base = llm.chat(msgs, GREEDY)[0].outputs[0].token_ids
+    assert chat_x != chat_base
