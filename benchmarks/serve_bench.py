@@ -138,7 +138,9 @@ def main() -> int:
     ap.add_argument("--clients", default="1,4,16")
     ap.add_argument("--rounds", type=int, default=2, help="requests per client, one after the other")
     ap.add_argument("--max-tokens", type=int, default=64)
-    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="CPU threads for both servers")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="CPU threads for llama.cpp's server")
+    ap.add_argument("--inhouse-threads", type=int, default=None,
+                    help="model threads of inhouse serve (default: its own, all cores but one)")
     ap.add_argument("--inhouse-dtype", default="auto", help="auto: the default path (4-bit weights for a Q4 file)")
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--peer-python", default="/work/peers/bin/python")
@@ -156,7 +158,8 @@ def main() -> int:
     env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
     rows += bench_server("inhouse", [sys.executable, "-m", "inhouse.cli", "-q", "serve", args.model, "--port", str(port),
                                      "--dtype", args.inhouse_dtype, "--max-num-seqs", str(args.max_num_seqs),
-                                     "--max-model-len", "2048", "--served-model-name", "m"],
+                                     "--max-model-len", "2048", "--served-model-name", "m"]
+                         + (["--threads", str(args.inhouse_threads)] if args.inhouse_threads else []),
                          base + "/health", base, "m", args, env=env)
     if not args.skip_llamacpp:
         if not os.path.exists(args.peer_python):
@@ -170,7 +173,8 @@ def main() -> int:
                                                "--model_alias", "m", "--verbose", "False"],
                                  base + "/v1/models", base, "m", args)
     print(f"model: {os.path.basename(args.model)}; {args.rounds} requests per client, {args.max_tokens} new tokens "
-          f"each, greedy; {args.threads} threads; inhouse dtype {args.inhouse_dtype}")
+          f"each, greedy; llama.cpp {args.threads} threads, inhouse "
+          f"{args.inhouse_threads or 'default (all cores but one)'} threads; inhouse dtype {args.inhouse_dtype}")
     print("| server | clients | aggregate tok/s | TTFT p50 (s) | TTFT p99 (s) | requests | tokens |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

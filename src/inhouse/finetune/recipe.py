@@ -187,7 +187,7 @@ def batch_loss(model, batch: Batch, denominator: int, *, grad_checkpointing: boo
         d = batch.doc_ids
         causal = torch.ones(T, T, dtype=torch.bool, device=tokens.device).tril()  # (T, S)
         mask = causal[None] & (d[:, :, None] == d[:, None, :])  # (B, T, S): same example, not ahead
-    rot = rope_rotation(positions, model.inv_freq)  # (B, T, 1, hd/2, 2)
+    rot = rope_rotation(positions, model.inv_freq)  # (B, T, 1, hd/2) complex
     h = model.tok_embeddings(tokens)  # (B, T, D)
     for layer in model.layers:
         if grad_checkpointing and torch.is_grad_enabled():

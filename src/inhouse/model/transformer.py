@@ -29,6 +29,8 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.dtype == torch.float32 and self.weight.dtype == torch.float32:
+            return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)  # the same arithmetic, one kernel
         # Normalize in fp32, then cast back before the weight (as Meta and HF do).
         return self.weight * F.rms_norm(x.float(), (x.shape[-1],), eps=self.eps).type_as(x)
 
@@ -39,7 +41,9 @@ def rope_inv_freq(head_dim: int, theta: float, scaling: Optional[RopeScaling]) -
     llama3 scaling keeps high frequencies (short wavelengths), divides low frequencies by
     `factor`, and interpolates smoothly in between; all four numbers come from the config.
     """
-    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2)[: head_dim // 2].float() / head_dim))
+    # On the CPU explicitly: under a meta-device context (loaders) the arithmetic would go through
+    # torch._refs and import torch._dynamo (~1.4 s at start); callers move the result.
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, device="cpu")[: head_dim // 2].float() / head_dim))
     if scaling is None:
         return inv_freq
     old_len = scaling.original_max_position_embeddings
@@ -60,27 +64,31 @@ def rope_cos_sin(positions: torch.Tensor, inv_freq: torch.Tensor) -> tuple[torch
 
 
 def rope_rotation(positions: torch.Tensor, inv_freq: torch.Tensor) -> torch.Tensor:
-    """cos and sin of the rotation angles, (B, T, 1, hd/2, 2) fp32 (Meta's ``freqs_cis`` as real pairs)."""
+    """cos + i·sin of the rotation angles, (B, T, 1, hd/2) complex64 (Meta's ``freqs_cis``)."""
     cos, sin = rope_cos_sin(positions, inv_freq)
-    return torch.stack((cos, sin), dim=-1)[:, :, None]  # (B, T, 1, hd/2, 2): broadcast over heads
+    return torch.complex(cos, sin)[:, :, None, :]  # (B, T, 1, hd/2): broadcast over heads
 
 
 def apply_rope(x: torch.Tensor, rot: torch.Tensor) -> torch.Tensor:
     """Rotate adjacent pairs (x[2i], x[2i+1]) — Meta's interleaved layout.
 
     The pair (x0, x1) is the complex number x0 + i·x1, multiplied in fp32 by the rotation
-    cos + i·sin, as Meta's ``apply_rotary_emb`` does; written with real tensors so that
-    ``torch.compile`` can fuse it (Inductor does not generate code for complex numbers).
+    cos + i·sin, as Meta's ``apply_rotary_emb`` does: one kernel in eager mode. Under
+    ``torch.compile`` the same product is written with real tensors, which Inductor can fuse
+    (it generates no code for complex numbers).
 
     Args:
         x: (B, T, n, hd) queries or keys.
-        rot: (B, T, 1, hd/2, 2) from `rope_rotation`.
+        rot: (B, T, 1, hd/2) complex64 from `rope_rotation`.
     """
-    xp = x.float().unflatten(-1, (-1, 2))  # (B, T, n, hd/2, 2)
-    x0, x1 = xp[..., 0], xp[..., 1]
-    cos, sin = rot[..., 0], rot[..., 1]
-    out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, n, hd/2, 2)
-    return out.flatten(-2).type_as(x)  # (B, T, n, hd)
+    if torch.compiler.is_compiling():
+        xp = x.float().unflatten(-1, (-1, 2))  # (B, T, n, hd/2, 2)
+        x0, x1 = xp[..., 0], xp[..., 1]
+        cos, sin = rot.real, rot.imag
+        out = torch.stack((x0 * cos - x1 * sin, x0 * sin + x1 * cos), dim=-1)  # (B, T, n, hd/2, 2)
+        return out.flatten(-2).type_as(x)  # (B, T, n, hd)
+    xc = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (B, T, n, hd/2) complex
+    return torch.view_as_real(xc * rot).flatten(-2).type_as(x)  # (B, T, n, hd)
 
 
 # Score elements (B*H*T*T) up to which a bf16 full causal forward writes the scores out (see
@@ -275,7 +283,7 @@ class Transformer(nn.Module):
             if not isinstance(cache_rows, slice):
                 cache_rows = caches[0].rows_index(B, cache_rows)  # a slice when the rows are contiguous
 
-        rot = rope_rotation(positions, self.inv_freq)  # (B, T, 1, hd/2, 2)
+        rot = rope_rotation(positions, self.inv_freq)  # (B, T, 1, hd/2) complex
         # The residual stream runs in the norms' dtype: the model's dtype, or fp32 for quantized
         # models (their matmuls take bf16 inputs; an fp32 sum keeps each layer's rounding out of it).
         h = self.tok_embeddings(tokens).to(self.norm.weight.dtype)  # (B, T, D)
