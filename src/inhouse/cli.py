@@ -87,8 +87,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     b = sub.add_parser("bench", help="speed against llama.cpp and transformers on one model", parents=[common])
     b.add_argument("model", nargs="?", default=None)
-    b.add_argument("--precisions", default="int4,int8,bf16,fp32",
-                   help="inhouse runs, comma-separated (int4,int8,bf16,fp32)")
+    b.add_argument("--precisions", default="int4,int4+compile,int8,bf16,fp32",
+                   help="inhouse runs, comma-separated: int4, int8, bf16, fp32; +compile runs the compiled decode "
+                        "step (default: int4,int4+compile,int8,bf16,fp32)")
     b.add_argument("--peers", default="llamacpp,transformers", help="peers, comma-separated, or none")
     b.add_argument("--peer-python", default=None, help="interpreter with llama-cpp-python (default: /work/peers/bin/python)")
     b.add_argument("--prompt-len", type=int, default=512)
@@ -368,9 +369,9 @@ def cmd_bench(a: argparse.Namespace) -> int:
     from inhouse.bench import DEFAULT_PEER_PYTHON, run_bench
 
     precisions = [p for p in a.precisions.split(",") if p]
-    bad = [p for p in precisions if p not in ("int4", "int8", "bf16", "fp32")]
+    bad = [p for p in precisions if p.removesuffix("+compile") not in ("int4", "int8", "bf16", "fp32")]
     if bad:
-        raise ValueError(f"--precisions: unknown {bad[0]!r}; use int4, int8, bf16, fp32")
+        raise ValueError(f"--precisions: unknown {bad[0]!r}; use int4, int8, bf16, fp32 (each also as e.g. int4+compile)")
     peers = [] if a.peers == "none" else [p for p in a.peers.split(",") if p]
     bad = [p for p in peers if p not in ("llamacpp", "transformers")]
     if bad:

@@ -102,6 +102,22 @@ def test_int4_recovers_a_q4_1_grid_exactly():
     torch.testing.assert_close(lin.dequantized(torch.float32), w, rtol=0, atol=float(d.max()) * 0.02 + 1e-4)
 
 
+def test_int4_codes_are_read_back_from_the_kernel_layout():
+    """No second copy of the 4-bit codes: prompt chunks dequantize from the kernel's own packing."""
+    from inhouse.model.quant import int4pack_layout_is_known, unpack_int4pack
+
+    assert int4pack_layout_is_known()  # PyTorch's AVX-512 layout, on this machine kind
+    codes = torch.randint(0, 16, (192, 96), generator=torch.Generator().manual_seed(7), dtype=torch.int32)
+    packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+    assert torch.equal(unpack_int4pack(packed, 192, 96).to(torch.int32), codes)
+    lin = Int4Linear.from_weight(torch.randn(192, 96, generator=torch.Generator().manual_seed(8)))
+    assert lin.weight_nibbles.numel() == 0
+    x = torch.randn(3, 96, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
+    kernel = torch._weight_int4pack_mm_for_cpu(x, lin.weight_int4pack, 32, lin.scales_and_zeros).float()
+    ref = x.float() @ lin.dequantized(torch.float32).T
+    torch.testing.assert_close(kernel, ref, rtol=1e-2, atol=1e-2 * ref.abs().max().item())
+
+
 @pytest.mark.parametrize("cls", [Int8Linear, Int4Linear])
 def test_rows_do_not_depend_on_the_batch(cls):
     """The server decodes many sequences together: each row must be what it is alone, bit for bit."""

@@ -109,14 +109,48 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
 
 
+INT4PACK_BLOCK_N = 64  # output rows per block of PyTorch's AVX-512 int4 packed layout
+_layout_known: Optional[bool] = None
+
+
+def unpack_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+    """The (N, K) codes held by ``torch._convert_weight_to_int4pack_for_cpu(codes, 1)``.
+
+    That layout (PyTorch's AVX-512 kernel) stores blocks of 64 output rows, each as K rows of
+    32 bytes: byte j of row k holds ``codes[64b + j, k]`` in its low nibble and
+    ``codes[64b + 32 + j, k]`` in its high nibble. `int4pack_layout_is_known` checks it.
+    """
+    p = packed.reshape(n // INT4PACK_BLOCK_N, k, INT4PACK_BLOCK_N // 2)  # (N/64, K, 32)
+    lo, hi = (p & 15).transpose(1, 2), (p >> 4).transpose(1, 2)  # (N/64, 32, K) each
+    return torch.cat((lo, hi), dim=1).reshape(n, k)  # rows 64b..64b+31 then 64b+32..64b+63
+
+
+def int4pack_layout_is_known() -> bool:
+    """Whether `unpack_int4pack` reads this PyTorch build's packed layout (checked once)."""
+    global _layout_known
+    if _layout_known is None:
+        codes = torch.randint(0, 16, (2 * INT4PACK_BLOCK_N, 64), generator=torch.Generator().manual_seed(0),
+                              dtype=torch.int32)
+        try:
+            packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
+            _layout_known = packed.numel() == codes.numel() // 2 and torch.equal(
+                unpack_int4pack(packed, *codes.shape).to(torch.int32), codes)
+        except (RuntimeError, ValueError):
+            _layout_known = False
+        if not _layout_known:
+            logger.info("int4 packed layout not recognised: keeping a second copy of the 4-bit codes")
+    return _layout_known
+
+
 class Int4Linear(nn.Module):
     """4-bit weights in groups of `INT4_GROUP` input columns: ``w = (code - 8) * scale + zero``.
 
     Buffers: ``weight_int4pack`` (the CPU kernel's packed layout), ``scales_and_zeros``
-    (K/32, N, 2) bf16 for the kernel, and for dequantizing prompt chunks (the kernel's own
-    layout is opaque): ``weight_nibbles`` (N, K/2) uint8, two codes per byte (low nibble
-    first), and ``steps_and_mins`` (K/32, N, 2) fp16 — GGUF stores Q4_1's scale and minimum
-    in fp16, so prompt chunks see the file's weights exactly, rounded once to bf16.
+    (K/32, N, 2) bf16 for the kernel, and for dequantizing prompt chunks ``steps_and_mins``
+    (K/32, N, 2) fp16 — GGUF stores Q4_1's scale and minimum in fp16, so prompt chunks see the
+    file's weights exactly, rounded once to bf16. The codes are read back from the kernel's
+    layout (`unpack_int4pack`, checked against PyTorch at first use); where that layout is not
+    the known one, a second copy, ``weight_nibbles`` (N, K/2) uint8, two codes per byte, is kept.
 
     Args:
         in_features: K (a multiple of 32).
@@ -149,13 +183,23 @@ class Int4Linear(nn.Module):
             torch.bfloat16)  # (G, N, 2)
         m.steps_and_mins = torch.stack((step, lo), dim=-1).squeeze(2).transpose(0, 1).contiguous().to(torch.float16)
         m.weight_int4pack = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-        m.weight_nibbles = codes[:, 0::2] | (codes[:, 1::2] << 4)  # (N, K/2)
+        if n % INT4PACK_BLOCK_N or not int4pack_layout_is_known():
+            m.weight_nibbles = codes[:, 0::2] | (codes[:, 1::2] << 4)  # (N, K/2)
+        else:
+            m.weight_nibbles = torch.zeros(0, dtype=torch.uint8)  # read the codes from weight_int4pack
         return m
+
+    def codes(self) -> torch.Tensor:
+        """The (N, K) uint8 codes 0..15."""
+        n, k = self.out_features, self.in_features
+        if self.weight_nibbles.numel() == 0:
+            return unpack_int4pack(self.weight_int4pack, n, k)
+        return torch.stack((self.weight_nibbles & 15, self.weight_nibbles >> 4), dim=-1).view(n, k)
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The (N, K) matrix the module multiplies by, in `dtype`."""
         n, k = self.out_features, self.in_features
-        codes = torch.stack((self.weight_nibbles & 15, self.weight_nibbles >> 4), dim=-1).view(n, k)  # (N, K)
+        codes = self.codes()  # (N, K)
         sm = self.steps_and_mins.to(dtype).transpose(0, 1)  # (N, G, 2)
         w = codes.to(dtype).view(n, -1, INT4_GROUP) * sm[..., :1] + sm[..., 1:]  # (N, G, 32)
         return w.view(n, k)
