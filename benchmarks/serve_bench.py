@@ -1,5 +1,5 @@
-"""Serving throughput and latency: inhouse's server against llama.cpp's (llama-cpp-python[server]),
-same model file, same machine, one run.
+"""Serving throughput and latency: inhouse's server against llama.cpp's two servers, same model file,
+same machine, one run.
 
 For 1, 4 and 16 concurrent clients, each client sends `--rounds` streaming chat requests one after
 the other (greedy, `--max-tokens` new tokens). Reported per server and concurrency:
@@ -9,12 +9,14 @@ aggregate generated tokens/s (all tokens / wall time of the round) and time to f
     python benchmarks/serve_bench.py --skip-llamacpp       # inhouse alone
     python benchmarks/serve_bench.py --model path/to/model.gguf --clients 1,4,16 --max-tokens 64
 
-The llama.cpp peer runs from its own virtualenv (default /work/peers; see benchmarks/README.md):
-    PEER/bin/python -c LLAMACPP_SERVER --model M --n_threads N --interrupt_requests False ...
-(LLAMACPP_SERVER runs `llama_cpp.server` with llama.cpp's extra buffer types off: see below.)
-llama-cpp-python's server has no parallel slots: it serves one request at a time (a lock around
-the model), queueing the others; `--interrupt_requests False` makes it queue instead of cutting a
-running stream off when the next request arrives.
+Peers (see benchmarks/README.md for how they are built):
+  * llama-cpp-python's server (`llama_cpp.server`, from its own virtualenv, default /work/peers):
+        PEER/bin/python -c LLAMACPP_SERVER --model M --n_threads N --interrupt_requests False ...
+    (LLAMACPP_SERVER runs `llama_cpp.server` with llama.cpp's extra buffer types off: see below.)
+    It has no parallel slots: it serves one request at a time (a lock around the model), queueing
+    the others; `--interrupt_requests False` makes it queue instead of cutting a running stream off.
+  * llama.cpp's own C++ server, `llama-server -np <max clients> -c <1024 per slot>` (parallel slots,
+    continuous batching), `--llama-server PATH`.
 """
 
 from __future__ import annotations
@@ -43,6 +45,8 @@ def params():
 lib.llama_model_default_params = params
 runpy.run_module("llama_cpp.server", run_name="__main__", alter_sys=True)
 """
+
+DEFAULT_LLAMA_SERVER = "/work/peers/llama-server-build/bin/llama-server"
 
 TOPICS = ["the sea", "a lighthouse", "bread", "a city at night", "bees", "a library", "winter", "a train",
           "chess", "rivers", "coffee", "the moon", "a garden", "glass", "music", "mountains"]
@@ -144,7 +148,9 @@ def main() -> int:
     ap.add_argument("--inhouse-dtype", default="auto", help="auto: the default path (4-bit weights for a Q4 file)")
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--peer-python", default="/work/peers/bin/python")
-    ap.add_argument("--skip-llamacpp", action="store_true")
+    ap.add_argument("--skip-llamacpp", action="store_true", help="skip both llama.cpp servers")
+    ap.add_argument("--llama-server", default=DEFAULT_LLAMA_SERVER,
+                    help="llama.cpp's C++ server binary, run with one parallel slot per client (see benchmarks/README.md)")
     ap.add_argument("--json", default=None, help="also write the rows to this file")
     args = ap.parse_args()
     args.clients = [int(c) for c in args.clients.split(",")]
@@ -172,6 +178,19 @@ def main() -> int:
                                                "--host", "127.0.0.1", "--interrupt_requests", "False",
                                                "--model_alias", "m", "--verbose", "False"],
                                  base + "/v1/models", base, "m", args)
+    if not args.skip_llamacpp:
+        if not os.path.exists(args.llama_server):
+            print(f"# {args.llama_server} missing: llama-server skipped", file=sys.stderr)
+        else:
+            port = free_port()
+            base = f"http://127.0.0.1:{port}"
+            slots = max(args.clients)
+            # -c is shared by the slots: 1024 positions each. Built without AMX (benchmarks/README.md),
+            # so weight repacking stays on.
+            rows += bench_server("llama-server", [args.llama_server, "-m", args.model, "-t", str(args.threads),
+                                                  "-np", str(slots), "-c", str(1024 * slots), "--port", str(port),
+                                                  "--host", "127.0.0.1", "-a", "m"],
+                                 base + "/health", base, "m", args)
     print(f"model: {os.path.basename(args.model)}; {args.rounds} requests per client, {args.max_tokens} new tokens "
           f"each, greedy; llama.cpp {args.threads} threads, inhouse "
           f"{args.inhouse_threads or 'default (all cores but one)'} threads; inhouse dtype {args.inhouse_dtype}")
@@ -181,9 +200,10 @@ def main() -> int:
         print(f"| {r['server']} | {r['clients']} | {r['tok_per_s']:.1f} | {r['ttft_p50_s']:.3f} | {r['ttft_p99_s']:.3f} "
               f"| {r['requests']} | {r['tokens']} |")
     by = {(r["server"], r["clients"]): r["tok_per_s"] for r in rows}
-    for c in args.clients:
-        if ("llama.cpp", c) in by:
-            print(f"inhouse / llama.cpp aggregate at {c} clients: {by[('inhouse', c)] / by[('llama.cpp', c)]:.2f}x")
+    for peer in ("llama.cpp", "llama-server"):
+        for c in args.clients:
+            if (peer, c) in by:
+                print(f"inhouse / {peer} aggregate at {c} clients: {by[('inhouse', c)] / by[(peer, c)]:.2f}x")
     if args.json:
         with open(args.json, "w") as f:
             json.dump(rows, f, indent=2)

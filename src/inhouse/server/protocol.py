@@ -43,53 +43,44 @@ class StreamOptions(_Request):
     include_usage: bool = False
 
 
-class ChatCompletionRequest(_Request):
-    """``POST /v1/chat/completions``. ``messages`` are checked by the chat renderer."""
+class _SamplingRequest(_Request):
+    """The fields both generation endpoints share (sampling, stopping, streaming)."""
 
     model: Optional[str] = None
+    temperature: Optional[float] = None
+    top_p: Optional[float] = None
+    top_k: Optional[int] = None
+    min_p: Optional[float] = None
+    repetition_penalty: Optional[float] = None
+    seed: Optional[int] = None
+    stop: Optional[Union[str, list[str]]] = None
+    n: int = 1
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    stream: bool = False
+    stream_options: Optional[StreamOptions] = None
+    user: Optional[str] = None
+
+
+class ChatCompletionRequest(_SamplingRequest):
+    """``POST /v1/chat/completions``. ``messages`` are checked by the chat renderer."""
+
     messages: list[dict[str, Any]]
     tools: Optional[list[dict[str, Any]]] = None
     tool_choice: Optional[Union[str, dict[str, Any]]] = None
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    seed: Optional[int] = None
-    stop: Optional[Union[str, list[str]]] = None
-    n: int = 1
-    max_tokens: Optional[int] = None
+    max_tokens: Optional[int] = None  # None: up to the context (as OpenAI's chat API)
     max_completion_tokens: Optional[int] = None
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
     logprobs: bool = False
     top_logprobs: Optional[int] = None
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
 
 
-class CompletionRequest(_Request):
+class CompletionRequest(_SamplingRequest):
     """``POST /v1/completions``: a prompt string, token ids, or a list of either."""
 
-    model: Optional[str] = None
     prompt: Union[str, list[int], list[str], list[list[int]]]
-    temperature: Optional[float] = None
-    top_p: Optional[float] = None
-    top_k: Optional[int] = None
-    min_p: Optional[float] = None
-    repetition_penalty: Optional[float] = None
-    seed: Optional[int] = None
-    stop: Optional[Union[str, list[str]]] = None
-    n: int = 1
-    max_tokens: Optional[int] = 16
-    presence_penalty: float = 0.0
-    frequency_penalty: float = 0.0
+    max_tokens: Optional[int] = 16  # the legacy completions API's default
     logprobs: Optional[int] = None
     echo: bool = False
-    stream: bool = False
-    stream_options: Optional[StreamOptions] = None
-    user: Optional[str] = None
 
 
 def parse_body(cls: type[BaseModel], body: Any) -> Any:
