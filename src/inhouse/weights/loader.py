@@ -216,11 +216,12 @@ def _iter_checkpoint(info: CheckpointInfo, dtype: torch.dtype) -> Iterator[tuple
 class _Progress:
     """Logs "loading weights: 45% (123/272 tensors, 1.2/2.7 GB)" every ~10%."""
 
-    def __init__(self, n_tensors: int, n_bytes: int):
+    def __init__(self, n_tensors: int, n_bytes: int, file_bytes: int):
         self.n_tensors, self.n_bytes = n_tensors, n_bytes
         self.done_tensors = self.done_bytes = 0
         self.next_pct = 10
-        self.level = logging.INFO if n_bytes >= _LOUD_PROGRESS_BYTES else logging.DEBUG
+        # Loud when reading takes a while: judged by the bytes on disk (a 4-bit file expands 4-8x).
+        self.level = logging.INFO if file_bytes >= _LOUD_PROGRESS_BYTES else logging.DEBUG
 
     def step(self, n_bytes: int) -> None:
         self.done_tensors += 1
@@ -255,7 +256,7 @@ def _assign_all(model: Transformer, tensors: Iterator[tuple[str, torch.Tensor, s
     args = model.args
     params = dict(model.named_parameters())  # tied output.weight is not listed separately
     itemsize = torch.empty((), dtype=dtype).element_size()
-    progress = _Progress(len(params), sum(p.numel() for p in params.values()) * itemsize)
+    progress = _Progress(len(params), sum(p.numel() for p in params.values()) * itemsize, info.file_bytes)
     done: set[str] = set()
     rope_freqs = None
     for name, t, src in tensors:
