@@ -167,13 +167,13 @@ def open_model(model: Optional[str] = None, *, dtype: Union[str, torch.dtype, No
         seed: seed of the random weights of ``random:PRESET`` models.
         max_model_len: context the caller will use (for the memory estimate).
         tokenizer: a directory holding a tokenizer to use instead of the model's own.
-        quantize: "auto", "none" or "int8" weight-only quantization (see `resolve_quantize`);
-            "auto" runs quantized GGUF files (the embedded model too) with int8 weights.
+        quantize: "auto", "none", "int8" or "int4" weight-only quantization (see
+            `resolve_quantize`); "auto" runs 4-bit GGUF files (the embedded model too) with int4
+            weights, other quantized GGUF files with int8, everything else unquantized.
 
     Raises:
         ModelNotFoundError, WeightsError, TokenizerError, ConfigError, QuantizeError (all ValueError).
     """
-    from inhouse.model.quant import quantize_model
 
     from inhouse.weights import inspect_checkpoint, load_model, random_model
 
@@ -186,8 +186,7 @@ def open_model(model: Optional[str] = None, *, dtype: Union[str, torch.dtype, No
     if spec.kind == "random":
         torch_dtype = resolve_dtype(dtype, "float32")
         q = resolve_quantize(quantize, torch_dtype, dtype, "float32")
-        net = random_model(spec.preset, seed=seed, dtype=torch.float32 if q != "none" else torch_dtype)
-        net = quantize_model(net, q, dtype=torch_dtype)
+        net = random_model(spec.preset, seed=seed, dtype=torch_dtype, quantize=q)
         tok = load_tokenizer(tokenizer) if tokenizer else preset_tokenizer(spec.preset)
         return LoadedModel(spec.name, net, tok, net.args, torch_dtype, "random", None, quantize=q)
 

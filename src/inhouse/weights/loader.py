@@ -350,11 +350,14 @@ def random_model(
     dtype: torch.dtype = torch.float32,
     std: float = 0.02,
     device: Union[str, torch.device] = "cpu",
+    quantize: str = "none",
 ) -> Transformer:
     """A deterministically initialised model (for tests, benchmarks and ``random:`` models).
 
     Each matrix is drawn from N(0, std²) in float32 with a generator seeded by `seed`, in
     parameter order, then cast to `dtype`; norm weights are 1. Same seed, same weights.
+    With `quantize` ("int8"/"int4") each matrix is quantized as it is drawn (see `load_model`),
+    so ``random:llama3.1-8b`` in int4 never needs its 32 GB of fp32.
 
     Args:
         preset_or_args: a preset name (see `inhouse.config.PRESETS`) or `ModelArgs`.
@@ -379,11 +382,13 @@ def random_model(
         model = Transformer(args)
     for name, p in list(model.named_parameters()):
         if p.ndim == 1:  # RMSNorm weights
-            value = torch.ones(p.shape, dtype=dtype, device=device)
+            value = torch.ones(p.shape, dtype=torch.float32, device=device)
         else:
-            value = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen)
-            value = value.to(device=device, dtype=dtype)
-        _set_parameter(model, name, value)
+            value = torch.empty(p.shape, dtype=torch.float32).normal_(0.0, std, generator=gen).to(device)
+        if quantize == "none":
+            _set_parameter(model, name, value.to(dtype))
+        else:
+            quantize_tensor(model, name, value, quantize, dtype)
     _finish(model, device, None, f"{RANDOM_PREFIX}model")
     return model
 
