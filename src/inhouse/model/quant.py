@@ -301,10 +301,15 @@ def quantize_tensor(model: nn.Module, name: str, value: torch.Tensor, mode: str,
     module = model.get_submodule(module_name) if module_name else model
     args = getattr(model, "args", None)
     tied_embedding = name == "tok_embeddings.weight" and args is not None and args.tie_embeddings
-    cast = value if dtype is None else value.to(dtype)
+    def own(to: Optional[torch.dtype]) -> nn.Parameter:
+        # A copy, never a view of the loader's memory map: the quantized model keeps nothing of
+        # the file mapped (its pages would stay resident).
+        kept = value if to is None else value.to(to)
+        return nn.Parameter(kept.clone() if kept.data_ptr() == value.data_ptr() else kept, requires_grad=False)
+
     if module_name == "output" or tied_embedding:
         approx = Int8Linear.from_weight(value)
-        rows = nn.Parameter(cast.clone() if cast.data_ptr() == value.data_ptr() else cast, requires_grad=False)
+        rows = own(dtype)
         if tied_embedding:
             model.tok_embeddings.weight = rows
         model.output = RescoredOutput(approx, rows)
@@ -313,11 +318,7 @@ def quantize_tensor(model: nn.Module, name: str, value: torch.Tensor, mode: str,
             raise QuantizeError(f"{module_name} has a bias; only bias-free linears can be quantized")
         _set(model, module_name, QUANTIZED_LINEARS[mode].from_weight(value))
     else:
-        # A copy, never a view of the loader's memory map: the quantized model keeps nothing of the
-        # file mapped (its pages would stay resident).
-        kept = value.float() if _is_norm(name) else cast
-        _set(model, name, nn.Parameter(kept.clone() if kept.data_ptr() == value.data_ptr() else kept,
-                                       requires_grad=False))
+        _set(model, name, own(torch.float32 if _is_norm(name) else dtype))
 
 
 def quantize_model(model: nn.Module, mode: str, dtype: Optional[torch.dtype] = torch.bfloat16) -> nn.Module:

@@ -126,12 +126,11 @@ def attend(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: Optional[tor
     stacked against their one key/value head (no copy of the cache per head), scores and
     softmax in fp32. Longer chunks use SDPA.
     """
+    B, H, T, hd = q.shape
     if mask is None:
-        B, H, T, hd = q.shape
         if q.dtype != torch.float32 and B * H * T * T <= SMALL_SCORES:
             return _causal_attention_math(q, k, v)
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, enable_gqa=True)
-    B, H, T, hd = q.shape
     K = k.shape[1]
     if T > 1:  # the cache may hold a narrower dtype than the queries (bf16 cache, fp32 residual)
         k, v = k.to(q.dtype), v.to(q.dtype)
