@@ -2,6 +2,7 @@
 are loaded by file path here."""
 
 import importlib.util
+import sys
 from pathlib import Path
 
 import pytest
@@ -12,6 +13,19 @@ def _load(path: Path):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def _load_shared(path: Path, name: str):
+    """Load a helper module once and register it as `name`, for test modules to take from sys.modules."""
+    if name not in sys.modules:
+        spec = importlib.util.spec_from_file_location(name, path)
+        module = importlib.util.module_from_spec(spec)
+        sys.modules[name] = module
+        spec.loader.exec_module(module)
+    return sys.modules[name]
+
+
+_load_shared(Path(__file__).parent / "tiny.py", "_inhouse_tests_tiny")  # tests/tiny.py
 
 
 @pytest.fixture(scope="session")

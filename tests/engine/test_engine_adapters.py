@@ -4,29 +4,24 @@ batches, and each request's greedy output equals a separate run on a model carry
 
 from __future__ import annotations
 
+import sys
+
 import pytest
 import torch
 
 from inhouse import LLM, LoRARequest, SamplingParams
-from inhouse.config import ModelArgs, RopeScaling
 from inhouse.engine.engine import EngineError
-from inhouse.finetune.adapters import load_adapter, save_adapter
-from inhouse.model.lora import apply_lora, lora_modules
-from inhouse.model.transformer import Transformer
+from inhouse.finetune.adapters import load_adapter
 
 GREEDY = SamplingParams(temperature=0, max_tokens=10, ignore_eos=True)
 
 
-def tiny() -> Transformer:
+T = sys.modules["_inhouse_tests_tiny"]  # tests/tiny.py
+
+
+def tiny():
     """A fresh copy of the engine tests' tiny Llama (the session fixture must not get adapter layers)."""
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, hidden_dim=128,
-                     rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64), max_seq_len=256)
-    torch.manual_seed(0)
-    m = Transformer(args)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2)
-    return m.eval()
+    return T.make_tiny_llama()
 
 
 @pytest.fixture(scope="module")
@@ -34,13 +29,7 @@ def adapter_dirs(tmp_path_factory):
     d = tmp_path_factory.mktemp("adapters")
     out = {}
     for i, (name, targets, rank) in enumerate([("x", "wq,wv,w2", 4), ("y", "all", 8), ("z", "wo,w1", 2)]):
-        model = tiny()
-        apply_lora(model, targets, rank=rank, alpha=2.0 * rank, seed=i)
-        g = torch.Generator().manual_seed(10 + i)
-        with torch.no_grad():
-            for m in lora_modules(model).values():
-                m.lora_b.weight.copy_(torch.randn(m.lora_b.weight.shape, generator=g) * 0.2)
-        out[name] = save_adapter(model, str(d / name))
+        out[name] = T.write_random_adapter(tiny(), d / name, targets, rank, seed=i, b_seed=10 + i, b_std=0.2)
     return out
 
 

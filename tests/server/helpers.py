@@ -11,6 +11,7 @@ Two models:
 from __future__ import annotations
 
 import socket
+import sys
 import threading
 import time
 from pathlib import Path
@@ -19,7 +20,6 @@ from typing import Callable, Optional
 import torch
 
 from inhouse import LLM
-from inhouse.config import ModelArgs, RopeScaling
 from inhouse.model.transformer import Transformer
 from inhouse.server import ApiKeys, create_app
 from inhouse.tokenizer import llama3_tokenizer
@@ -114,14 +114,7 @@ class ScriptedLlama(torch.nn.Module):
 
 
 def make_tiny_llama(seed: int = 0) -> Transformer:
-    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, hidden_dim=128,
-                     rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64), max_seq_len=4096)
-    torch.manual_seed(seed)
-    m = Transformer(args)
-    with torch.no_grad():
-        for p in m.parameters():
-            p.normal_(0, 0.2)
-    return m.eval()
+    return sys.modules["_inhouse_tests_tiny"].make_tiny_llama(seed, max_seq_len=4096)  # tests/tiny.py
 
 
 def scripted_llm(delay: float = 0.0, max_model_len: int = 2048, max_num_seqs: int = 8) -> LLM:

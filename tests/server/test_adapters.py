@@ -16,8 +16,6 @@ import pytest
 import torch
 
 from inhouse import LLM
-from inhouse.finetune.adapters import save_adapter
-from inhouse.model.lora import apply_lora, lora_modules
 from inhouse.tokenizer import llama3_tokenizer
 
 H = sys.modules["_inhouse_tests_server_helpers"]  # tests/server/helpers.py, loaded by conftest.py
@@ -27,13 +25,8 @@ PROMPTS = ["The capital of France is", "def fib(n):"]
 
 def write_adapter(make_model, out, targets: str, rank: int, seed: int) -> str:
     """A PEFT adapter with random A and random non-zero B for the model `make_model()` builds."""
-    model = make_model()
-    apply_lora(model, targets, rank=rank, alpha=2.0 * rank, seed=seed)
-    g = torch.Generator().manual_seed(100 + seed)
-    with torch.no_grad():
-        for m in lora_modules(model).values():
-            m.lora_b.weight.copy_(torch.randn(m.lora_b.weight.shape, generator=g) * 0.3)
-    return save_adapter(model, str(out))
+    return sys.modules["_inhouse_tests_tiny"].write_random_adapter(make_model(), out, targets, rank, seed,
+                                                                   b_seed=100 + seed, b_std=0.3)
 
 
 @pytest.fixture(scope="module")

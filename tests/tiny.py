@@ -1,0 +1,35 @@
+"""The tiny Llama 3.1-shaped model and random LoRA adapters that engine, server and adapter tests share.
+
+Loaded once by tests/conftest.py as ``sys.modules["_inhouse_tests_tiny"]`` (tests have no packages)."""
+
+from __future__ import annotations
+
+import torch
+
+from inhouse.config import ModelArgs, RopeScaling
+from inhouse.finetune.adapters import save_adapter
+from inhouse.model.lora import apply_lora, lora_modules
+from inhouse.model.transformer import Transformer
+
+
+def make_tiny_llama(seed: int = 0, std: float = 0.2, max_seq_len: int = 256) -> Transformer:
+    """A 2-layer Llama 3.1-shaped model (GQA, llama3 RoPE scaling) on the real 128,256-id vocabulary."""
+    args = ModelArgs(dim=64, n_layers=2, n_heads=4, n_kv_heads=2, vocab_size=128256, hidden_dim=128,
+                     rope_scaling=RopeScaling(8.0, 1.0, 4.0, 64), max_seq_len=max_seq_len)
+    torch.manual_seed(seed)
+    m = Transformer(args)
+    with torch.no_grad():
+        for p in m.parameters():
+            p.normal_(0, std)
+    return m.eval()
+
+
+def write_random_adapter(model: Transformer, out, targets: str, rank: int, seed: int, *, b_seed: int,
+                         b_std: float) -> str:
+    """Apply LoRA to `model` (A as initialised with `seed`, B random non-zero) and save it in PEFT format."""
+    apply_lora(model, targets, rank=rank, alpha=2.0 * rank, seed=seed)
+    g = torch.Generator().manual_seed(b_seed)
+    with torch.no_grad():
+        for m in lora_modules(model).values():
+            m.lora_b.weight.copy_(torch.randn(m.lora_b.weight.shape, generator=g) * b_std)
+    return save_adapter(model, str(out))
