@@ -159,38 +159,32 @@ def main() -> int:
 
         args.model = embedded_model_path()
     rows = []
-    port = free_port()
-    base = f"http://127.0.0.1:{port}"
-    env = dict(os.environ, OMP_NUM_THREADS=str(args.threads))
-    rows += bench_server("inhouse", [sys.executable, "-m", "inhouse.cli", "-q", "serve", args.model, "--port", str(port),
-                                     "--dtype", args.inhouse_dtype, "--max-num-seqs", str(args.max_num_seqs),
-                                     "--max-model-len", "2048", "--served-model-name", "m"]
-                         + (["--threads", str(args.inhouse_threads)] if args.inhouse_threads else []),
-                         base + "/health", base, "m", args, env=env)
+
+    def run(name: str, exe: str, make_cmd, health: str, env=None) -> None:
+        """Start `make_cmd(port)` (a server of `exe`) on a free port and load it, if `exe` exists."""
+        if not os.path.exists(exe):
+            print(f"# {exe} missing: {name} skipped", file=sys.stderr)
+            return
+        port = free_port()
+        base = f"http://127.0.0.1:{port}"
+        rows.extend(bench_server(name, make_cmd(port), base + health, base, "m", args, env=env))
+
+    run("inhouse", sys.executable, lambda port: [
+        sys.executable, "-m", "inhouse.cli", "-q", "serve", args.model, "--port", str(port), "--dtype",
+        args.inhouse_dtype, "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", "2048",
+        "--served-model-name", "m"] + (["--threads", str(args.inhouse_threads)] if args.inhouse_threads else []),
+        "/health", env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
     if not args.skip_llamacpp:
-        if not os.path.exists(args.peer_python):
-            print(f"# {args.peer_python} missing: llama.cpp skipped", file=sys.stderr)
-        else:
-            port = free_port()
-            base = f"http://127.0.0.1:{port}"
-            rows += bench_server("llama.cpp", [args.peer_python, "-c", LLAMACPP_SERVER, "--model", args.model,
-                                               "--n_threads", str(args.threads), "--n_ctx", "2048", "--port", str(port),
-                                               "--host", "127.0.0.1", "--interrupt_requests", "False",
-                                               "--model_alias", "m", "--verbose", "False"],
-                                 base + "/v1/models", base, "m", args)
-    if not args.skip_llamacpp:
-        if not os.path.exists(args.llama_server):
-            print(f"# {args.llama_server} missing: llama-server skipped", file=sys.stderr)
-        else:
-            port = free_port()
-            base = f"http://127.0.0.1:{port}"
-            slots = max(args.clients)
-            # -c is shared by the slots: 1024 positions each. Built without AMX (benchmarks/README.md),
-            # so weight repacking stays on.
-            rows += bench_server("llama-server", [args.llama_server, "-m", args.model, "-t", str(args.threads),
-                                                  "-np", str(slots), "-c", str(1024 * slots), "--port", str(port),
-                                                  "--host", "127.0.0.1", "-a", "m"],
-                                 base + "/health", base, "m", args)
+        run("llama.cpp", args.peer_python, lambda port: [
+            args.peer_python, "-c", LLAMACPP_SERVER, "--model", args.model, "--n_threads", str(args.threads),
+            "--n_ctx", "2048", "--port", str(port), "--host", "127.0.0.1", "--interrupt_requests", "False",
+            "--model_alias", "m", "--verbose", "False"], "/v1/models")
+        # -c is shared by the slots: 1024 positions each. Built without AMX (benchmarks/README.md), so
+        # weight repacking stays on.
+        slots = max(args.clients)
+        run("llama-server", args.llama_server, lambda port: [
+            args.llama_server, "-m", args.model, "-t", str(args.threads), "-np", str(slots), "-c", str(1024 * slots),
+            "--port", str(port), "--host", "127.0.0.1", "-a", "m"], "/health")
     print(f"model: {os.path.basename(args.model)}; {args.rounds} requests per client, {args.max_tokens} new tokens "
           f"each, greedy; llama.cpp {args.threads} threads, inhouse "
           f"{args.inhouse_threads or 'default (all cores but one)'} threads; inhouse dtype {args.inhouse_dtype}")
