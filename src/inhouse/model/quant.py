@@ -69,27 +69,36 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class Int8Linear(nn.Module):
-    """``y = x @ (q * scale).T`` with int8 `q` (N, K) and bf16 `scale` (N,); no bias.
+    """``y = x @ (q * scale).T`` with int8 `q` (N, K) and one `scale` per output row (N,); no bias.
+
+    With the native kernel (``native``: AVX-512 VNNI, K a multiple of 64) the scales are fp32 and
+    calls of up to `SMALL_BATCH` rows run ``torch.ops.inhouse.int8_mm`` (activations as int16
+    per group of 32); otherwise they are bf16 for ``torch._weight_int8pack_mm`` (bf16
+    activations). Larger calls dequantize to bf16 and use a regular matmul.
 
     Args:
         in_features: K.
         out_features: N.
-        device: where the (zero) buffers are allocated; use `from_linear` to fill them.
+        device: where the (zero) buffers are allocated; use `from_weight` to fill them.
+        native: use the native kernel (None: wherever it is available).
     """
 
-    def __init__(self, in_features: int, out_features: int, device: Optional[torch.device] = None):
+    def __init__(self, in_features: int, out_features: int, device: Optional[torch.device] = None,
+                 native: Optional[bool] = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
+        self.native = native_kernel_fits(in_features) if native is None else native
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, dtype=torch.bfloat16, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32 if self.native else torch.bfloat16,
+                                                  device=device))
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor) -> "Int8Linear":
+    def from_weight(cls, weight: torch.Tensor, native: Optional[bool] = None) -> "Int8Linear":
         """Quantize an (N, K) weight matrix (any float dtype)."""
         n, k = weight.shape
-        m = cls(k, n, device=torch.device("meta"))
+        m = cls(k, n, device=torch.device("meta"), native=native)
         q, scale = quantize_int8(weight)
-        m.weight_int8, m.scales = q, scale.to(torch.bfloat16)
+        m.weight_int8, m.scales = q, scale.to(m.scales.dtype)
         return m
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
@@ -98,7 +107,10 @@ class Int8Linear(nn.Module):
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if x2.shape[0] <= SMALL_BATCH and self.native:
+            return torch.ops.inhouse.int8_mm(x2, self.weight_int8, self.scales).view(*shape[:-1], self.out_features)
+        x2 = x2.to(torch.bfloat16)
         if x2.shape[0] <= SMALL_BATCH:
             y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales)  # (M, N)
         else:
@@ -106,7 +118,8 @@ class Int8Linear(nn.Module):
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only"
+        kernel = "native" if self.native else "torch"
+        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only, {kernel} kernel"
 
 
 INT4PACK_BLOCK_N = 64  # output rows per block of PyTorch's AVX-512 int4 packed layout
@@ -143,42 +156,66 @@ def int4pack_layout_is_known() -> bool:
 
 
 class Int4Linear(nn.Module):
-    """4-bit weights in groups of `INT4_GROUP` input columns: ``w = (code - 8) * scale + zero``.
+    """4-bit weights in groups of `INT4_GROUP` input columns: ``w = code * step + min``.
 
-    Buffers: ``weight_int4pack`` (the CPU kernel's packed layout), ``scales_and_zeros``
-    (K/32, N, 2) bf16 for the kernel, and for dequantizing prompt chunks ``steps_and_mins``
-    (K/32, N, 2) fp16 — GGUF stores Q4_1's scale and minimum in fp16, so prompt chunks see the
-    file's weights exactly, rounded once to bf16. The codes are read back from the kernel's
-    layout (`unpack_int4pack`, checked against PyTorch at first use); where that layout is not
-    the known one, a second copy, ``weight_nibbles`` (N, K/2) uint8, two codes per byte, is kept.
+    Two storage layouts, chosen when the module is built (``native``):
+
+    * native (`inhouse.kernels`, CPUs with AVX-512 VNNI, K a multiple of 64): ``weight_q4``
+      (N, K/2) uint8 in the kernel's block layout, ``steps`` and ``mins`` (N, K/32) fp16 — GGUF
+      stores Q4_1's scale and minimum in fp16, so these are the file's weights exactly. Calls of
+      up to `SMALL_BATCH` rows run ``torch.ops.inhouse.int4_mm``: the activations are quantized
+      to int8 per group of 32 and multiplied with VNNI dot products, reading the weights at close
+      to memory bandwidth.
+    * PyTorch's: ``weight_int4pack`` (``torch._weight_int4pack_mm_for_cpu``'s packed layout),
+      ``scales_and_zeros`` (K/32, N, 2) bf16 for that kernel, and ``steps_and_mins`` (K/32, N, 2)
+      fp16 for dequantizing. The codes are read back from the kernel's layout
+      (`unpack_int4pack`, checked against PyTorch at first use); where that layout is not the
+      known one, a second copy, ``weight_nibbles`` (N, K/2) uint8, is kept.
+
+    Larger calls (prompt chunks) dequantize the matrix in fp32, round it once to bf16 and use a
+    regular matmul.
 
     Args:
         in_features: K (a multiple of 32).
         out_features: N.
+        native: use the native layout and kernel (None: wherever it is available).
     """
 
-    def __init__(self, in_features: int, out_features: int, device: Optional[torch.device] = None):
+    def __init__(self, in_features: int, out_features: int, device: Optional[torch.device] = None,
+                 native: Optional[bool] = None):
         super().__init__()
         if in_features % INT4_GROUP:
             raise QuantizeError(f"int4 needs in_features divisible by {INT4_GROUP}, got {in_features}")
         self.in_features, self.out_features = in_features, out_features
-        g = in_features // INT4_GROUP
+        if native is None:
+            native = native_kernel_fits(in_features)
+        self.native = native
+        g, n = in_features // INT4_GROUP, out_features
+        if native:
+            self.register_buffer("weight_q4", torch.zeros(n, in_features // 2, dtype=torch.uint8, device=device))
+            self.register_buffer("steps", torch.zeros(n, g, dtype=torch.float16, device=device))
+            self.register_buffer("mins", torch.zeros(n, g, dtype=torch.float16, device=device))
+            return
         self.register_buffer("weight_int4pack", torch.zeros(0, dtype=torch.uint8, device=device))
-        self.register_buffer("scales_and_zeros", torch.zeros(g, out_features, 2, dtype=torch.bfloat16, device=device))
-        self.register_buffer("steps_and_mins", torch.zeros(g, out_features, 2, dtype=torch.float16, device=device))
-        self.register_buffer("weight_nibbles", torch.zeros(out_features, in_features // 2, dtype=torch.uint8,
-                                                           device=device))
+        self.register_buffer("scales_and_zeros", torch.zeros(g, n, 2, dtype=torch.bfloat16, device=device))
+        self.register_buffer("steps_and_mins", torch.zeros(g, n, 2, dtype=torch.float16, device=device))
+        self.register_buffer("weight_nibbles", torch.zeros(n, in_features // 2, dtype=torch.uint8, device=device))
 
     @classmethod
-    def from_weight(cls, weight: torch.Tensor) -> "Int4Linear":
+    def from_weight(cls, weight: torch.Tensor, native: Optional[bool] = None) -> "Int4Linear":
         """Quantize an (N, K) matrix: per group of 32, codes 0..15 spanning [min, max]."""
         n, k = weight.shape
-        m = cls(k, n, device=torch.device("meta"))
+        m = cls(k, n, device=torch.device("meta"), native=native)
         w = weight.float().view(n, k // INT4_GROUP, INT4_GROUP)  # (N, G, 32)
         lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)  # (N, G, 1)
         step = ((hi - lo) / 15).clamp(min=1e-12)
         codes = torch.round((w - lo) / step).clamp_(0, 15).to(torch.uint8).view(n, k)  # (N, K)
-        zero = lo + 8 * step  # the kernel computes (code - 8) * scale + zero
+        if m.native:
+            c = codes.view(n, k // 64, 2, 32)  # per block of 64: columns 0..31 low nibbles, 32..63 high
+            m.weight_q4 = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+            m.steps, m.mins = step.squeeze(2).to(torch.float16), lo.squeeze(2).to(torch.float16)
+            return m
+        zero = lo + 8 * step  # PyTorch's kernel computes (code - 8) * scale + zero
         m.scales_and_zeros = torch.stack((step, zero), dim=-1).squeeze(2).transpose(0, 1).contiguous().to(
             torch.bfloat16)  # (G, N, 2)
         m.steps_and_mins = torch.stack((step, lo), dim=-1).squeeze(2).transpose(0, 1).contiguous().to(torch.float16)
@@ -192,6 +229,9 @@ class Int4Linear(nn.Module):
     def codes(self) -> torch.Tensor:
         """The (N, K) uint8 codes 0..15."""
         n, k = self.out_features, self.in_features
+        if self.native:
+            q = self.weight_q4.view(n, k // 64, 1, 32)
+            return torch.cat((q & 15, q >> 4), dim=2).view(n, k)
         if self.weight_nibbles.numel() == 0:
             return unpack_int4pack(self.weight_int4pack, n, k)
         return torch.stack((self.weight_nibbles & 15, self.weight_nibbles >> 4), dim=-1).view(n, k)
@@ -200,13 +240,20 @@ class Int4Linear(nn.Module):
         """The (N, K) matrix the module multiplies by, in `dtype`."""
         n, k = self.out_features, self.in_features
         codes = self.codes()  # (N, K)
-        sm = self.steps_and_mins.to(dtype).transpose(0, 1)  # (N, G, 2)
-        w = codes.to(dtype).view(n, -1, INT4_GROUP) * sm[..., :1] + sm[..., 1:]  # (N, G, 32)
-        return w.view(n, k)
+        if self.native:
+            step, lo = self.steps.to(dtype)[..., None], self.mins.to(dtype)[..., None]  # (N, G, 1)
+        else:
+            sm = self.steps_and_mins.to(dtype).transpose(0, 1)  # (N, G, 2)
+            step, lo = sm[..., :1], sm[..., 1:]
+        return (codes.to(dtype).view(n, -1, INT4_GROUP) * step + lo).view(n, k)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
-        x2 = x.reshape(-1, self.in_features).to(torch.bfloat16)  # (M, K)
+        x2 = x.reshape(-1, self.in_features)  # (M, K)
+        if x2.shape[0] <= SMALL_BATCH and self.native:
+            y = torch.ops.inhouse.int4_mm(x2, self.weight_q4, self.steps, self.mins)  # in x's dtype
+            return y.view(*shape[:-1], self.out_features)
+        x2 = x2.to(torch.bfloat16)
         if x2.shape[0] <= SMALL_BATCH:
             y = torch._weight_int4pack_mm_for_cpu(x2, self.weight_int4pack, INT4_GROUP, self.scales_and_zeros)
         else:
@@ -216,7 +263,18 @@ class Int4Linear(nn.Module):
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int4 weight-only, group {INT4_GROUP}"
+        kernel = "native" if self.native else "torch"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int4 weight-only, "
+                f"group {INT4_GROUP}, {kernel} kernel")
+
+
+def native_kernel_fits(in_features: int) -> bool:
+    """Whether a matrix with `in_features` columns can use the native kernels here."""
+    if in_features % 64:
+        return False
+    from inhouse.kernels import int4_kernel_available
+
+    return int4_kernel_available()
 
 
 class RescoredOutput(nn.Module):
@@ -245,7 +303,7 @@ class RescoredOutput(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()  # (M, D)
-        logits = self.approx(x2.to(torch.bfloat16)).float()  # (M, V)
+        logits = self.approx(x2).float()  # (M, V); the int8 kernels take fp32 or bf16 rows
         top = logits.topk(self.k, dim=-1).indices  # (M, k)
         # A product and a sum per row rather than bmm, whose kernel choice depends on M (and
         # with it the rounding): each row must come out the same whatever the batch.
