@@ -28,8 +28,8 @@ import torch
 logger = logging.getLogger("inhouse.kernels")
 
 _SOURCE = Path(__file__).with_name("quant_cpu.cpp")
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "f16c", "fma")
-_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mf16c", "-mfma", "-fopenmp"]
+_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma")
+_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mf16c", "-mfma", "-fopenmp"]
 _state: Optional[bool] = None
 
 
@@ -107,8 +107,8 @@ def _load() -> Optional[str]:
             torch.ops.load_library(str(lib))
     except Exception as e:  # a missing compiler or a failed build: keep PyTorch's kernels
         return f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
-    if not (hasattr(torch.ops.inhouse, "int4_mm") and hasattr(torch.ops.inhouse, "int8_mm")):
-        return "the built library did not register inhouse::int4_mm and inhouse::int8_mm"
+    if not all(hasattr(torch.ops.inhouse, op) for op in ("int4_mm", "int8_mm", "int4_dequantize")):
+        return "the built library did not register inhouse::int4_mm, int8_mm and int4_dequantize"
     _register_fake()
     return None
 
@@ -122,3 +122,7 @@ def _register_fake() -> None:
     @torch.library.register_fake("inhouse::int8_mm")
     def _(x, w, row_scales):
         return x.new_empty((x.shape[0], w.shape[0]))
+
+    @torch.library.register_fake("inhouse::int4_dequantize")
+    def _(w, steps, mins):
+        return w.new_empty((w.shape[0], w.shape[1] * 2), dtype=torch.bfloat16)

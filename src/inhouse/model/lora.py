@@ -275,6 +275,7 @@ def apply_lora(model: nn.Module, targets: Union[str, Iterable[str]] = DEFAULT_TA
     finally:
         if gen_state is not None:
             torch.random.set_rng_state(gen_state)
+    mark_layers_changed(model)
     return paths
 
 
@@ -348,3 +349,12 @@ __all__ = [
     "nf4_dequantize", "LoRALinear", "apply_lora", "lora_modules", "lora_state_dict", "set_lora_enabled",
     "merge_lora", "remove_lora", "dequantize_nf4",
 ]
+
+
+def mark_layers_changed(model: nn.Module) -> None:
+    """Record on `model` that layers were swapped after it was built (LoRA wrappers).
+
+    A compiled decode step skips re-checking the model's modules on every call only while this
+    mark is absent (`inhouse.engine.compile.compile_decode`).
+    """
+    model.__dict__["layers_changed"] = True

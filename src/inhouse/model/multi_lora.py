@@ -31,7 +31,7 @@ from typing import Iterator, Optional, Sequence, Union
 import torch
 from torch import nn
 
-from inhouse.model.lora import LORA_TARGETS, LoRALinear, _device_of, _set_module, _target_paths
+from inhouse.model.lora import LORA_TARGETS, LoRALinear, _device_of, _set_module, _target_paths, mark_layers_changed
 
 
 class AdapterRows:
@@ -211,6 +211,7 @@ def apply_multi_lora(model: nn.Module, targets: Sequence[str], rows: AdapterRows
             continue
         _set_module(model, path, MultiLoRALinear(layer, rows, n_slots, rank))
         new.append(path)
+    mark_layers_changed(model)
     return new
 
 

@@ -87,7 +87,7 @@ class Int8Linear(nn.Module):
                  native: Optional[bool] = None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self.native = native_kernel_fits(in_features) if native is None else native
+        self.native = _native_choice(native, in_features)
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32 if self.native else torch.bfloat16,
                                                   device=device))
@@ -187,9 +187,7 @@ class Int4Linear(nn.Module):
         if in_features % INT4_GROUP:
             raise QuantizeError(f"int4 needs in_features divisible by {INT4_GROUP}, got {in_features}")
         self.in_features, self.out_features = in_features, out_features
-        if native is None:
-            native = native_kernel_fits(in_features)
-        self.native = native
+        self.native = native = _native_choice(native, in_features)
         g, n = in_features // INT4_GROUP, out_features
         if native:
             self.register_buffer("weight_q4", torch.zeros(n, in_features // 2, dtype=torch.uint8, device=device))
@@ -250,8 +248,12 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if x2.shape[0] <= SMALL_BATCH and self.native:
-            y = torch.ops.inhouse.int4_mm(x2, self.weight_q4, self.steps, self.mins)  # in x's dtype
+        if self.native:
+            if x2.shape[0] <= SMALL_BATCH:
+                y = torch.ops.inhouse.int4_mm(x2, self.weight_q4, self.steps, self.mins)  # in x's dtype
+            else:  # prompt chunks: the matrix in bf16 (rounded once from fp32), a bf16 matmul
+                w = torch.ops.inhouse.int4_dequantize(self.weight_q4, self.steps, self.mins)
+                y = F.linear(x2.to(torch.bfloat16), w).to(x.dtype)
             return y.view(*shape[:-1], self.out_features)
         x2 = x2.to(torch.bfloat16)
         if x2.shape[0] <= SMALL_BATCH:
@@ -266,6 +268,15 @@ class Int4Linear(nn.Module):
         kernel = "native" if self.native else "torch"
         return (f"in_features={self.in_features}, out_features={self.out_features}, int4 weight-only, "
                 f"group {INT4_GROUP}, {kernel} kernel")
+
+
+def _native_choice(native: Optional[bool], in_features: int) -> bool:
+    if native is None:
+        return native_kernel_fits(in_features)
+    if native and not native_kernel_fits(in_features):
+        raise QuantizeError(f"the native kernel cannot take this matrix here ({in_features} columns; it needs a "
+                            "multiple of 64 and a CPU with AVX-512 VNNI, see inhouse.kernels)")
+    return native
 
 
 def native_kernel_fits(in_features: int) -> bool:

@@ -1,0 +1,110 @@
+"""The native int4/int8 CPU kernels (inhouse/kernels/quant_cpu.cpp) against float64 references.
+
+On this machine kind (AVX-512 VNNI) the kernels must build and load: a failed build would
+silently fall back to PyTorch's kernels, so availability itself is asserted here.
+"""
+
+import pytest
+import torch
+
+from inhouse.kernels import _cpu_flags, int4_kernel_available
+from inhouse.model.quant import Int4Linear, Int8Linear
+
+pytestmark = pytest.mark.skipif("avx512_vnni" not in _cpu_flags(), reason="the native kernels need AVX-512 VNNI")
+
+
+def pack_int4(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes -> the kernel's layout: per 64 columns, 32 bytes, low nibble j, high nibble 32 + j."""
+    n, k = codes.shape
+    c = codes.view(n, k // 64, 2, 32)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def int4_case(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
+    steps = (torch.rand(n, k // 32, generator=g) * 0.01 + 0.001).half()
+    mins = (-torch.rand(n, k // 32, generator=g) * 0.08).half()
+    w = (codes.double().view(n, -1, 32) * steps.double()[..., None] + mins.double()[..., None]).view(n, k)
+    return pack_int4(codes), steps, mins, w
+
+
+def test_kernels_build_and_load_here():
+    assert int4_kernel_available()
+    assert hasattr(torch.ops.inhouse, "int4_mm") and hasattr(torch.ops.inhouse, "int8_mm")
+
+
+@pytest.mark.parametrize("n,k", [(200, 64), (576, 576), (96, 1536)])
+@pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])  # every row-block size of the kernel (4, 3, 2, 1)
+def test_int4_mm_matches_float64(n, k, m):
+    assert int4_kernel_available()
+    w_packed, steps, mins, w = int4_case(n, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
+    ref = x.double() @ w.T
+    y = torch.ops.inhouse.int4_mm(x, w_packed, steps, mins)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    # int16 activations per group of 32: ~1e-5 relative (int8 activations were ~5e-3)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-4
+    # each row is what it is alone, bit for bit (the server batches rows of different requests)
+    for i in range(m):
+        assert torch.equal(torch.ops.inhouse.int4_mm(x[i:i + 1], w_packed, steps, mins)[0], y[i])
+
+
+@pytest.mark.parametrize("m", [1, 3, 8])
+def test_int8_mm_matches_float64(m):
+    assert int4_kernel_available()
+    g = torch.Generator().manual_seed(2)
+    q = torch.randint(-127, 128, (300, 576), generator=g, dtype=torch.int8)
+    scales = torch.rand(300, generator=g) * 0.01 + 1e-3
+    x = torch.randn(m, 576, generator=g)
+    ref = x.double() @ (q.double() * scales.double()[:, None]).T
+    y = torch.ops.inhouse.int8_mm(x, q, scales)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-4
+    for i in range(m):
+        assert torch.equal(torch.ops.inhouse.int8_mm(x[i:i + 1], q, scales)[0], y[i])
+
+
+def test_bf16_rows_come_back_bf16_and_bad_shapes_are_named():
+    w_packed, steps, mins, w = int4_case(64, 128)
+    x = torch.randn(2, 128).to(torch.bfloat16)
+    y = torch.ops.inhouse.int4_mm(x, w_packed, steps, mins)
+    assert y.dtype == torch.bfloat16
+    torch.testing.assert_close(y.double(), x.double() @ w.T, rtol=2e-2, atol=2e-2)
+    with pytest.raises(RuntimeError, match=r"x must be \(M, 128\)"):
+        torch.ops.inhouse.int4_mm(torch.randn(2, 64), w_packed, steps, mins)
+    with pytest.raises(RuntimeError, match="multiple of 64"):
+        torch.ops.inhouse.int8_mm(torch.randn(1, 96), torch.zeros(4, 96, dtype=torch.int8), torch.ones(4))
+
+
+@pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
+def test_native_and_torch_layouts_agree(cls):
+    """Same matrix, both storage layouts: the same dequantized weights, outputs within bf16 rounding."""
+    w = torch.randn(320, 576, generator=torch.Generator().manual_seed(3)) * 0.05
+    native, torch_path = cls.from_weight(w, native=True), cls.from_weight(w, native=False)
+    assert native.native and not torch_path.native
+    torch.testing.assert_close(native.dequantized(torch.float32), torch_path.dequantized(torch.float32),
+                               rtol=0, atol=float(w.abs().max()) * 2 ** -8)  # bf16 vs fp16/fp32 scales
+    x = torch.randn(5, 576, generator=torch.Generator().manual_seed(4))
+    ref = x.double() @ native.dequantized(torch.float32).double().T
+    out = native(x)
+    assert out.dtype == torch.float32
+    assert ((out.double() - ref).norm() / ref.norm()).item() < 1e-4  # native: int16 activations, fp32 out
+    assert ((torch_path(x).double() - ref).norm() / ref.norm()).item() < 2e-2  # bf16 activations
+
+
+def test_compiled_graph_calls_the_kernel_without_a_break():
+    lin = Int4Linear.from_weight(torch.randn(128, 256, generator=torch.Generator().manual_seed(5)), native=True)
+    x = torch.randn(3, 256, generator=torch.Generator().manual_seed(6))
+    torch._dynamo.reset()
+    compiled = torch.compile(lambda t: lin(torch.nn.functional.silu(t)) * 2, fullgraph=True, dynamic=True)
+    torch.testing.assert_close(compiled(x), lin(torch.nn.functional.silu(x)) * 2, rtol=1e-5, atol=1e-5)
+    torch._dynamo.reset()
+
+
+def test_int4_dequantize_equals_the_torch_ops_it_replaces():
+    """Prompt chunks multiply by this bf16 matrix: the same bits as fp32 dequantization rounded once."""
+    lin = Int4Linear.from_weight(torch.randn(200, 576, generator=torch.Generator().manual_seed(7)), native=True)
+    w = torch.ops.inhouse.int4_dequantize(lin.weight_q4, lin.steps, lin.mins)
+    assert w.dtype == torch.bfloat16 and torch.equal(w, lin.dequantized(torch.float32).to(torch.bfloat16))
+    x = torch.randn(100, 576, generator=torch.Generator().manual_seed(8))  # > SMALL_BATCH rows: this path
+    torch.testing.assert_close(lin(x), torch.nn.functional.linear(x.bfloat16(), w).float())
