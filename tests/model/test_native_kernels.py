@@ -7,7 +7,7 @@ silently fall back to PyTorch's kernels, so availability itself is asserted here
 import pytest
 import torch
 
-from inhouse.kernels import _cpu_flags, int4_kernel_available
+from inhouse.kernels import _cpu_flags, native_kernels_available
 from inhouse.model.quant import Int4Linear, Int8Linear
 
 pytestmark = pytest.mark.skipif("avx512_vnni" not in _cpu_flags(), reason="the native kernels need AVX-512 VNNI")
@@ -30,14 +30,14 @@ def int4_case(n, k, seed=0):
 
 
 def test_kernels_build_and_load_here():
-    assert int4_kernel_available()
+    assert native_kernels_available()
     assert hasattr(torch.ops.inhouse, "int4_mm") and hasattr(torch.ops.inhouse, "int8_mm")
 
 
 @pytest.mark.parametrize("n,k", [(200, 64), (576, 576), (96, 1536)])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])  # every row-block size of the kernel (4, 3, 2, 1)
 def test_int4_mm_matches_float64(n, k, m):
-    assert int4_kernel_available()
+    assert native_kernels_available()
     w_packed, steps, mins, w = int4_case(n, k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
     ref = x.double() @ w.T
@@ -52,7 +52,7 @@ def test_int4_mm_matches_float64(n, k, m):
 
 @pytest.mark.parametrize("m", [1, 3, 8])
 def test_int8_mm_matches_float64(m):
-    assert int4_kernel_available()
+    assert native_kernels_available()
     g = torch.Generator().manual_seed(2)
     q = torch.randint(-127, 128, (300, 576), generator=g, dtype=torch.int8)
     scales = torch.rand(300, generator=g) * 0.01 + 1e-3

@@ -1,14 +1,16 @@
 """Native CPU kernels, compiled on first use with the machine's C++ compiler and cached on disk.
 
-`int4_mm` (quant_cpu.cpp) is the decode-time matmul of `inhouse.model.quant.Int4Linear` on
-CPUs with AVX-512 VNNI: 4-bit weights times int8-quantized activations, reading the weights at
-close to memory bandwidth (PyTorch's own int4 kernel reaches about half of it on such a CPU).
+quant_cpu.cpp holds the decode-time matmuls of `inhouse.model.quant.Int4Linear` and
+`Int8Linear` on CPUs with AVX-512 VNNI and BF16 (``torch.ops.inhouse.int4_mm``, ``int8_mm``:
+4-bit or 8-bit weights times activations quantized to int16 per group of 32, reading the weights
+at close to memory bandwidth, where PyTorch's int4 kernel reaches about half of it) and
+``int4_dequantize`` (the bf16 matrix for prompt chunks).
 
-The kernel is built once per source/PyTorch/Python version into
-``$INHOUSE_KERNEL_CACHE`` (default ``~/.cache/inhouse/kernels``; about 30 s on two cores) and
-loaded from there afterwards. Where it cannot be used — another architecture, no AVX-512 VNNI,
-no compiler, a failed build, or ``INHOUSE_NATIVE_KERNELS=0`` — `int4_kernel_available` says
-False once, with the reason in the log, and callers keep PyTorch's kernels.
+The library is built once per source/PyTorch/Python version into ``$INHOUSE_KERNEL_CACHE``
+(default ``~/.cache/inhouse/kernels``; about 10 s on two cores) and loaded from there
+afterwards. Where it cannot be used — another architecture, a CPU without those instructions, no
+compiler, a failed build, or ``INHOUSE_NATIVE_KERNELS=0`` — `native_kernels_available` says False
+once, with the reason in the log, and the linears keep PyTorch's kernels.
 """
 
 from __future__ import annotations
@@ -69,17 +71,19 @@ def _build_name() -> str:
     return "inhouse_quant_cpu_" + h.hexdigest()[:12]
 
 
-def int4_kernel_available() -> bool:
+def native_kernels_available() -> bool:
     """Whether ``torch.ops.inhouse.int4_mm`` can be used here (builds and loads it the first time)."""
     global _state
     if _state is not None:
         return _state
     reason = _why_not()
-    if reason is None:
+    if reason is not None:
+        logger.info("native CPU kernels not used (%s): PyTorch's kernels instead", reason)
+    else:
         reason = _load()
+        if reason is not None:  # the CPU could run them: say it loudly, decode is ~2x slower without
+            logger.warning("native CPU kernels unavailable (%s): PyTorch's slower kernels instead", reason)
     _state = reason is None
-    if reason:
-        logger.info("native int4 kernel not used (%s): PyTorch's int4 kernel instead", reason)
     return _state
 
 
@@ -95,14 +99,14 @@ def _load() -> Optional[str]:
             # process never loads a half-written library
             work = build_dir / f"build-{os.getpid()}"
             work.mkdir(parents=True, exist_ok=True)
-            logger.warning("building the native int4 kernel once (about 30 s; kept in %s)", build_dir)
+            logger.warning("building the native CPU kernels once (about 10 s; kept in %s)", build_dir)
             t = time.perf_counter()
             cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
                                extra_ldflags=["-fopenmp"], build_directory=str(work),
                                is_python_module=False, verbose=False)
             os.replace(work / f"{name}.so", lib)
             shutil.rmtree(work, ignore_errors=True)
-            logger.info("native int4 kernel built in %.1f s", time.perf_counter() - t)
+            logger.info("native CPU kernels built in %.1f s", time.perf_counter() - t)
         else:
             torch.ops.load_library(str(lib))
     except Exception as e:  # a missing compiler or a failed build: keep PyTorch's kernels

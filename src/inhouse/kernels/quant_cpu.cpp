@@ -10,7 +10,7 @@
 //   exact fp32 group sums of x.
 // y[m, n] = sum_g step[n,g] * xs[m,g] * sum_{k in g} code[n,k] * xq[m,k] + sum_g min[n,g] * xsum[m,g]
 //
-// One pass over the weights serves up to 4 activation rows; output rows are split across
+// One pass over the weights serves up to 8 activation rows; output rows are split across
 // PyTorch's threads (at::parallel_for); weights are prefetched well ahead (they come from
 // memory, not cache, once per token). Each output element is computed the same way whatever M
 // is, so a row's result does not depend on the batch it is in.
@@ -30,6 +30,7 @@ namespace {
 constexpr int64_t kGroup = 32;
 constexpr int64_t kBlock = 64;  // columns per 32-byte block: two groups
 constexpr int64_t kMaxGroups = 2048;  // K up to 65536
+constexpr int64_t kTileRows = 8;  // activation rows served by one pass over the weights
 #ifndef INHOUSE_PREFETCH
 #define INHOUSE_PREFETCH 4096
 #endif
@@ -135,7 +136,7 @@ QuantizedRows quantize_rows(const at::Tensor& x) {
 }
 
 // Output rows split across threads; 16 of them at a time stay in L1 while every block of up to
-// 4 activation rows passes over them. `rows(R, n0, n1, m)` runs one such tile.
+// 8 activation rows passes over them. `rows(R, n0, n1, m)` runs one such tile.
 template <typename Tile>
 void over_tiles(int64_t M, int64_t N, const char* w, int64_t row_bytes, const Tile& tile) {
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
@@ -145,7 +146,7 @@ void over_tiles(int64_t M, int64_t N, const char* w, int64_t row_bytes, const Ti
     }
     for (int64_t n0 = begin; n0 < end; n0 += 16) {
       const int64_t n1 = std::min<int64_t>(n0 + 16, end);
-      for (int64_t m = 0; m < M; m += 4) tile(std::min<int64_t>(4, M - m), n0, n1, m);
+      for (int64_t m = 0; m < M; m += kTileRows) tile(std::min<int64_t>(kTileRows, M - m), n0, n1, m);
     }
   });
 }
@@ -178,10 +179,10 @@ at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
     const float* su = xr.sums + m * xr.G16;
     float* o = op + m * N;
     switch (r) {
-      case 4: rows_times_int4<4>(n0, n1, K, wp, spp, mpp, q, s, su, xr.G16, o, N); break;
-      case 3: rows_times_int4<3>(n0, n1, K, wp, spp, mpp, q, s, su, xr.G16, o, N); break;
-      case 2: rows_times_int4<2>(n0, n1, K, wp, spp, mpp, q, s, su, xr.G16, o, N); break;
+#define INHOUSE_TILE(R) case R: rows_times_int4<R>(n0, n1, K, wp, spp, mpp, q, s, su, xr.G16, o, N); break;
+      INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
       default: rows_times_int4<1>(n0, n1, K, wp, spp, mpp, q, s, su, xr.G16, o, N); break;
+#undef INHOUSE_TILE
     }
   });
   return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());
@@ -206,10 +207,10 @@ at::Tensor int8_mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
     const float* s = xr.scales + m * xr.G16;
     float* o = op + m * N;
     switch (r) {
-      case 4: rows_times_int8<4>(n0, n1, K, wp, sp, q, s, xr.G16, o, N); break;
-      case 3: rows_times_int8<3>(n0, n1, K, wp, sp, q, s, xr.G16, o, N); break;
-      case 2: rows_times_int8<2>(n0, n1, K, wp, sp, q, s, xr.G16, o, N); break;
+#define INHOUSE_TILE(R) case R: rows_times_int8<R>(n0, n1, K, wp, sp, q, s, xr.G16, o, N); break;
+      INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
       default: rows_times_int8<1>(n0, n1, K, wp, sp, q, s, xr.G16, o, N); break;
+#undef INHOUSE_TILE
     }
   });
   return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());

@@ -1,18 +1,20 @@
 """Weight-only quantized linears: drop-in replacements for ``nn.Linear(bias=False)``.
 
 Decoding one token reads every weight once, so on a CPU its speed is memory bandwidth divided
-by the bytes of the weights. Storing the matrices in int8 (one scale per output row) halves the
-bytes of bf16; the activations stay in bf16, which is what PyTorch's int8 kernel is fast with
-(``torch._weight_int8pack_mm``: about 30 GB/s of weights on a 2-core AVX-512 machine, against
-12–18 GB/s for plain bf16/fp32 matmuls; with fp32 activations it is ~15× slower).
+by the bytes of the weights. Two layouts:
 
-Two layouts:
+* `Int8Linear`: symmetric int8, one scale per output row.
+* `Int4Linear`: 4-bit codes in groups of 32 along the input, ``w = code * step + min`` per group.
+  GGUF Q4_0/Q4_1 blocks are groups of 32 with one scale and one offset, so a Q4_1 matrix is
+  re-laid out *exactly* (its block minimum and maximum land on codes 0 and 15).
 
-* `Int8Linear`: symmetric int8, one scale per output row (``torch._weight_int8pack_mm``).
-* `Int4Linear`: asymmetric 4-bit in groups of 32 along the input, a bf16 scale and zero per
-  group (``torch._weight_int4pack_mm_for_cpu``). GGUF Q4_0/Q4_1 blocks are groups of 32 with
-  one scale and one offset, so a Q4_1 matrix is re-laid out *exactly* (its block minimum and
-  maximum land on codes 0 and 15), up to the bf16 rounding of the scale and zero.
+Each runs on one of two kernels, chosen when the module is built:
+
+* native (`inhouse.kernels`, CPUs with AVX-512 VNNI): activations quantized to int16 per group of
+  32 (finer than bf16), VNNI integer dot products, weights prefetched well ahead; about 30 GB/s
+  of weights read on a 2-core machine, where PyTorch's int4 kernel reaches ~10-19 GB/s.
+* PyTorch's (``torch._weight_int4pack_mm_for_cpu``, ``torch._weight_int8pack_mm``) with bf16
+  activations, everywhere else.
 
 `quantize_tensor` (called by the loaders as each tensor is read) and `quantize_model` (a whole
 loaded model) swap the linears in place; the module names stay Meta's (``layers.N.attention.wq``
@@ -20,12 +22,12 @@ is now an `Int8Linear`). The output projection becomes a `RescoredOutput`: an in
 the top logits recomputed from the bf16 rows (an int8 projection alone moves ~3% of the greedy
 next-token choices of SmolLM2-135M). Norm weights stay fp32, which makes the residual stream
 fp32: with a bf16 residual stream, ~3% of next tokens differ from the fp32 reference however
-exact the weights are; with it, 98.4-98.8% agree (tests/model/test_quant.py).
+exact the weights are; with it and the native kernel, 98.8-99.6% agree (tests/model/test_quant.py).
 
-Per-row results do not depend on how many rows are in the batch (both kernels compute each row
-alone, checked in tests/model/test_quant.py), as long as a call has at most `SMALL_BATCH` rows;
-larger calls (prompt chunks) dequantize the matrix to bf16 and use a regular matmul, which is
-several times faster there.
+Per-row results do not depend on how many rows are in the batch (the kernels compute each row
+alone, checked in tests/model/test_quant.py and tests/model/test_native_kernels.py), as long as a
+call has at most `SMALL_BATCH` rows; larger calls (prompt chunks) dequantize the matrix to bf16
+and use a regular matmul, which is several times faster there.
 """
 
 from __future__ import annotations
@@ -283,9 +285,9 @@ def native_kernel_fits(in_features: int) -> bool:
     """Whether a matrix with `in_features` columns can use the native kernels here."""
     if in_features % 64:
         return False
-    from inhouse.kernels import int4_kernel_available
+    from inhouse.kernels import native_kernels_available
 
-    return int4_kernel_available()
+    return native_kernels_available()
 
 
 class RescoredOutput(nn.Module):
