@@ -7,6 +7,7 @@ aggregate generated tokens/s (all tokens / wall time of the round) and time to f
 
     python benchmarks/serve_bench.py                       # embedded SmolLM2-135M-Instruct Q4_1 GGUF
     python benchmarks/serve_bench.py --skip-llamacpp       # inhouse alone
+    python benchmarks/serve_bench.py --skip-llamacpp --inhouse-compile   # inhouse, compiled decode step
     python benchmarks/serve_bench.py --model path/to/model.gguf --clients 1,4,16 --max-tokens 64
 
 Peers (see benchmarks/README.md for how they are built):
@@ -120,6 +121,7 @@ def bench_server(name: str, cmd: list[str], health: str, base: str, model: str, 
     try:
         wait_up(health, proc)
         asyncio.run(run_load(base, model, 1, 1, 8))  # warm-up
+        asyncio.run(run_load(base, model, 4, 1, 8))  # (a compiled decode step specializes batch 1: batched too)
         rows = []
         for c in args.clients:
             row = asyncio.run(run_load(base, model, c, args.rounds, args.max_tokens))
@@ -146,6 +148,7 @@ def main() -> int:
     ap.add_argument("--inhouse-threads", type=int, default=None,
                     help="model threads of inhouse serve (default: its own, all cores but one)")
     ap.add_argument("--inhouse-dtype", default="auto", help="auto: the default path (4-bit weights for a Q4 file)")
+    ap.add_argument("--inhouse-compile", action="store_true", help="serve with the compiled decode step (--compile)")
     ap.add_argument("--max-num-seqs", type=int, default=16)
     ap.add_argument("--peer-python", default="/work/peers/bin/python")
     ap.add_argument("--skip-llamacpp", action="store_true", help="skip both llama.cpp servers")
@@ -169,10 +172,11 @@ def main() -> int:
         base = f"http://127.0.0.1:{port}"
         rows.extend(bench_server(name, make_cmd(port), base + health, base, "m", args, env=env))
 
-    run("inhouse", sys.executable, lambda port: [
+    run("inhouse+compile" if args.inhouse_compile else "inhouse", sys.executable, lambda port: [
         sys.executable, "-m", "inhouse.cli", "-q", "serve", args.model, "--port", str(port), "--dtype",
         args.inhouse_dtype, "--max-num-seqs", str(args.max_num_seqs), "--max-model-len", "2048",
-        "--served-model-name", "m"] + (["--threads", str(args.inhouse_threads)] if args.inhouse_threads else []),
+        "--served-model-name", "m"] + (["--threads", str(args.inhouse_threads)] if args.inhouse_threads else [])
+        + (["--compile"] if args.inhouse_compile else []),
         "/health", env=dict(os.environ, OMP_NUM_THREADS=str(args.threads)))
     if not args.skip_llamacpp:
         run("llama.cpp", args.peer_python, lambda port: [
