@@ -57,6 +57,8 @@ def compile_decode(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
         # eagerly, so that the compiled graph has no break.
         n_slots = int(input_pos.max()) + 1
         rows = caches[0].rows_index(tokens.shape[0], cache_rows)
+        if isinstance(rows, slice):  # its bounds would be constants of the graph: an int is symbolic
+            rows = rows.start
         compiled = guarded if model.__dict__.get("layers_changed") else fixed
         return compiled(tokens, input_pos=input_pos, caches=caches, last_only=last_only, cache_rows=rows,
                         n_slots=n_slots)

@@ -52,34 +52,41 @@ class KVCache(torch.nn.Module):
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                n_slots: Optional[int] = None,
-               rows: Union[slice, torch.Tensor, None] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               rows: Union[slice, int, torch.Tensor, None] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new keys/values and return the cache's first `n_slots` positions.
 
         Args:
             input_pos: (B, T) positions of the new entries.
             k, v: (B, K, T, hd) new keys and values.
             n_slots: how many leading positions to return (default: all).
-            rows: the cache rows of the batch rows: a slice (see `rows_index`) or a (B,)
-                tensor (default: rows 0..B-1).
+            rows: the cache rows of the batch rows: a slice (see `rows_index`), the first of B
+                contiguous rows as an int (what the compiled decode step passes: a slice's bounds
+                would be constants of the graph), or a (B,) tensor (default: rows 0..B-1).
 
         Returns:
-            (k, v), each (B, K, n_slots, hd): views when `rows` is a slice.
+            (k, v), each (B, K, n_slots, hd): views when the rows are contiguous.
         """
         B = k.shape[0]
         if rows is None:
-            rows = slice(0, B)
+            rows = 0
+        elif isinstance(rows, slice):
+            rows = rows.start
+        contiguous = not isinstance(rows, torch.Tensor)  # rows: the first of B contiguous rows
         n = self.max_len if n_slots is None else n_slots
-        if isinstance(rows, slice):
-            ck, cv = self.k[rows], self.v[rows]  # (B, K, max_len, hd) views
-            b = self._arange[:B, None]  # (B, 1)
+        # narrow, not [a:b]: its result has exactly the asked size, so that under torch.compile a
+        # batch of B rows stays one symbolic B (a slice's size is min(end, size) - start, which
+        # made every batch size a compilation of its own)
+        if contiguous:
+            ck, cv = self.k.narrow(0, rows, B), self.v.narrow(0, rows, B)  # (B, K, max_len, hd) views
+            b = self._arange.narrow(0, 0, B)[:, None]  # (B, 1)
         else:
             ck, cv, b = self.k, self.v, rows[:, None]
         # Advanced indices around a slice put the indexed dims first: target is (B, T, K, hd).
         ck[b, :, input_pos] = k.transpose(1, 2).to(ck.dtype)
         cv[b, :, input_pos] = v.transpose(1, 2).to(cv.dtype)
-        if isinstance(rows, slice):
-            return ck[:, :, :n], cv[:, :, :n]  # views, no copy
-        return self.k[rows, :, :n], self.v[rows, :, :n]  # gather (copies) for scattered rows
+        if contiguous:
+            return ck.narrow(2, 0, n), cv.narrow(2, 0, n)  # views, no copy
+        return self.k.narrow(2, 0, n)[rows], self.v.narrow(2, 0, n)[rows]  # gather (copies) for scattered rows
 
     def grow(self, max_len: int) -> None:
         """Extend every row to `max_len` positions, keeping the stored entries."""

@@ -108,6 +108,7 @@ def run_serve(a: argparse.Namespace) -> int:
                                  chat_template=template, max_loras=max_loras, compile=getattr(a, "compile", False))
     for name, path in adapters:
         llm.add_lora(path, name=name)  # AdapterError (a ValueError) names the directory and the problem
+    llm.engine.warm_up()  # with --compile: every kind of decode step compiled before the first client
     timeout = a.request_timeout if a.request_timeout and a.request_timeout > 0 else None
     app = create_app(llm, api_keys=keys, served_model_names=a.served_model_name, max_queue=a.max_queue,
                      request_timeout=timeout)
