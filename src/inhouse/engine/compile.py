@@ -50,6 +50,7 @@ def compile_decode(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
     fixed = torch.compile(model, dynamic=True,
                           options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
     guarded = torch.compile(model, dynamic=True)
+    state = {"guarded": bool(model.__dict__.get("layers_changed"))}
 
     def decode(tokens: torch.Tensor, input_pos: torch.Tensor, caches, last_only: bool = False,
                cache_rows=None) -> torch.Tensor:
@@ -59,7 +60,12 @@ def compile_decode(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
         rows = caches[0].rows_index(tokens.shape[0], cache_rows)
         if isinstance(rows, slice):  # its bounds would be constants of the graph: an int is symbolic
             rows = rows.start
-        compiled = guarded if model.__dict__.get("layers_changed") else fixed
+        if not state["guarded"] and model.__dict__.get("layers_changed"):
+            # Dynamo keeps compiled code per function, shared by both variants: the graphs
+            # compiled without module guards would still match. Drop them (process-wide).
+            torch._dynamo.reset()
+            state["guarded"] = True
+        compiled = guarded if state["guarded"] else fixed
         return compiled(tokens, input_pos=input_pos, caches=caches, last_only=last_only, cache_rows=rows,
                         n_slots=n_slots)
 
