@@ -119,7 +119,7 @@ def bench_server(name: str, cmd: list[str], health: str, base: str, model: str, 
     log = open(f"/tmp/serve_bench_{name}.log", "w")
     proc = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, env=env)
     try:
-        wait_up(health, proc)
+        wait_up(health, proc, timeout=1200 if name.endswith("+compile") else 300)  # compiling: minutes on 2 cores
         asyncio.run(run_load(base, model, 1, 1, 8))  # warm-up
         asyncio.run(run_load(base, model, 4, 1, 8))  # (a compiled decode step specializes batch 1: batched too)
         rows = []

@@ -24,8 +24,7 @@ import pytest
 import torch
 from torch import nn
 
-from inhouse.model.quant import (Int4Linear, Int8Linear, QuantizeError, RescoredOutput, native_kernel_fits, quantize_int8,
-                                 quantize_model, quantized_mode)
+from inhouse.model.quant import Int4Linear, Int8Linear, QuantizeError, RescoredOutput, quantize_int8, quantize_model, quantized_mode
 from inhouse.resolve import open_model, resolve_quantize
 
 TEXT = (

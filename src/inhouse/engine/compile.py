@@ -39,14 +39,10 @@ def compile_decode(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
     inductor_config.fx_graph_cache = True
     logger.info("compiling the decode step (first start is slow; artifacts cached in %s)",
                 os.environ["TORCHINDUCTOR_CACHE_DIR"])
-    from inhouse.model.lora import LoRALinear
-    from inhouse.model.multi_lora import MultiLoRALinear
-
-    if any(isinstance(m, (LoRALinear, MultiLoRALinear)) for m in model.modules()):
-        model.__dict__["layers_changed"] = True
-    # While no layer has been swapped (LoRA wrappers, added when an adapter is first used), the
-    # model's modules are fixed, and Dynamo need not re-check them before every step: on
-    # SmolLM2-135M those guards cost ~1.4 ms per token. Afterwards, a fully guarded variant.
+    # While no layer has been swapped (LoRA wrappers: `inhouse.model.lora.mark_layers_changed`,
+    # also when an adapter is first used), the model's modules are fixed, and Dynamo need not
+    # re-check them before every step: on SmolLM2-135M those guards cost ~1.4 ms per token.
+    # Afterwards, a fully guarded variant.
     fixed = torch.compile(model, dynamic=True,
                           options={"guard_filter_fn": torch.compiler.skip_guard_on_all_nn_modules_unsafe})
     guarded = torch.compile(model, dynamic=True)

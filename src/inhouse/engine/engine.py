@@ -159,8 +159,8 @@ class Engine:
 
         A compiled step is specialized to a few kinds of batch: one row or several, starting at
         cache row 0 or elsewhere, contiguous rows or scattered ones. Each kind compiles the first
-        time it is met (~40 s on 2 cores, less from Inductor's on-disk cache), which a server
-        would otherwise do while clients wait. Writes a key/value at position 1 of a few cache
+        time it is met (about a minute each on 2 cores, less from Inductor's on-disk cache), which a
+        server would otherwise do while clients wait. Writes a key/value at position 1 of a few cache
         rows, which every request overwrites before reading. Returns the number of steps run
         (0 for an eager engine or with requests in flight).
         """

@@ -344,13 +344,6 @@ def dequantize_nf4(model: nn.Module, dtype: torch.dtype = torch.float32) -> int:
     return done
 
 
-__all__ = [
-    "LORA_TARGETS", "HF_TARGET_NAMES", "DEFAULT_TARGETS", "normalize_targets", "NF4Linear", "nf4_quantize",
-    "nf4_dequantize", "LoRALinear", "apply_lora", "lora_modules", "lora_state_dict", "set_lora_enabled",
-    "merge_lora", "remove_lora", "dequantize_nf4",
-]
-
-
 def mark_layers_changed(model: nn.Module) -> None:
     """Record on `model` that layers were swapped after it was built (LoRA wrappers).
 
@@ -358,3 +351,11 @@ def mark_layers_changed(model: nn.Module) -> None:
     mark is absent (`inhouse.engine.compile.compile_decode`).
     """
     model.__dict__["layers_changed"] = True
+
+
+__all__ = [
+    "LORA_TARGETS", "HF_TARGET_NAMES", "DEFAULT_TARGETS", "normalize_targets", "NF4Linear", "nf4_quantize",
+    "nf4_dequantize", "LoRALinear", "apply_lora", "lora_modules", "lora_state_dict", "set_lora_enabled",
+    "merge_lora", "remove_lora", "dequantize_nf4", "mark_layers_changed",
+]
+
