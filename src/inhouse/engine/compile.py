@@ -54,8 +54,6 @@ def compile_decode(model: torch.nn.Module) -> Callable[..., torch.Tensor]:
         # eagerly, so that the compiled graph has no break.
         n_slots = int(input_pos.max()) + 1
         rows = caches[0].rows_index(tokens.shape[0], cache_rows)
-        if isinstance(rows, slice):  # its bounds would be constants of the graph: an int is symbolic
-            rows = rows.start
         if not state["guarded"] and model.__dict__.get("layers_changed"):
             # Dynamo keeps compiled code per function, shared by both variants: the graphs
             # compiled without module guards would still match. Drop them (process-wide).

@@ -33,35 +33,36 @@ class KVCache(torch.nn.Module):
     def batch_size(self) -> int:
         return self.k.shape[0]
 
-    def rows_index(self, batch: int, rows: Optional[torch.Tensor]) -> Union[slice, torch.Tensor]:
-        """The cache rows of a batch of `batch` sequences, as a slice when they are contiguous.
+    def rows_index(self, batch: int, rows: Optional[torch.Tensor]) -> Union[int, torch.Tensor]:
+        """The cache rows of a batch of `batch` sequences: the first one when they are contiguous.
 
         Args:
             batch: B, the number of sequences in the forward pass.
             rows: (B,) cache rows, or None for rows 0..B-1.
 
         Returns:
-            ``slice(first, first + B)`` (reads are then views, no copy) or the (B,) tensor.
+            The first row as an int (reads are then views, no copy; under torch.compile an int
+            is one symbolic value, where a slice's bounds would be constants of the graph), or
+            the (B,) tensor.
         """
         if rows is None:
-            return slice(0, batch)
+            return 0
         first = int(rows[0])
         if batch == 1 or rows.tolist() == list(range(first, first + batch)):
-            return slice(first, first + batch)
+            return first
         return rows
 
     def update(self, input_pos: torch.Tensor, k: torch.Tensor, v: torch.Tensor,
                n_slots: Optional[int] = None,
-               rows: Union[slice, int, torch.Tensor, None] = None) -> tuple[torch.Tensor, torch.Tensor]:
+               rows: Union[int, torch.Tensor, None] = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Write new keys/values and return the cache's first `n_slots` positions.
 
         Args:
             input_pos: (B, T) positions of the new entries.
             k, v: (B, K, T, hd) new keys and values.
             n_slots: how many leading positions to return (default: all).
-            rows: the cache rows of the batch rows: a slice (see `rows_index`), the first of B
-                contiguous rows as an int (what the compiled decode step passes: a slice's bounds
-                would be constants of the graph), or a (B,) tensor (default: rows 0..B-1).
+            rows: the cache rows of the batch rows: the first of B contiguous rows (an int, see
+                `rows_index`) or a (B,) tensor (default: rows 0..B-1).
 
         Returns:
             (k, v), each (B, K, n_slots, hd): views when the rows are contiguous.
@@ -69,8 +70,6 @@ class KVCache(torch.nn.Module):
         B = k.shape[0]
         if rows is None:
             rows = 0
-        elif isinstance(rows, slice):
-            rows = rows.start
         contiguous = not isinstance(rows, torch.Tensor)  # rows: the first of B contiguous rows
         n = self.max_len if n_slots is None else n_slots
         # narrow, not [a:b]: its result has exactly the asked size, so that under torch.compile a

@@ -245,7 +245,7 @@ class Transformer(nn.Module):
         input_pos: Optional[torch.Tensor] = None,
         caches: Optional[list[KVCache]] = None,
         last_only: bool = False,
-        cache_rows: Union[torch.Tensor, slice, int, None] = None,
+        cache_rows: Union[torch.Tensor, int, None] = None,
         n_slots: Optional[int] = None,
     ) -> torch.Tensor:
         """Logits (B, T, V) fp32, or (B, 1, V) with ``last_only``.
@@ -255,8 +255,8 @@ class Transformer(nn.Module):
             input_pos: (B, T) positions; required with ``caches``.
             caches: one `KVCache` per layer for incremental decoding.
             last_only: compute the output projection for the last position only.
-            cache_rows: (B,) which cache rows hold these sequences (default 0..B-1), a slice of
-                contiguous rows (`KVCache.rows_index`), or the first of B contiguous rows (int).
+            cache_rows: (B,) which cache rows hold these sequences (default 0..B-1), or the
+                first of B contiguous rows (an int, `KVCache.rows_index`).
             n_slots: cache positions to attend over, ``max(input_pos) + 1`` when not given. The
                 compiled decode step passes it, with an int or a tensor for `cache_rows`, so that
                 the graph reads no tensor value on the host (`inhouse.engine.compile`).
@@ -280,7 +280,7 @@ class Transformer(nn.Module):
             slots = torch.arange(n_slots, device=tokens.device)
             mask = slots[None, None, :] <= input_pos[:, :, None]  # (B, T, S)
             if cache_rows is None or (isinstance(cache_rows, torch.Tensor) and not torch.compiler.is_compiling()):
-                # a slice when the rows are contiguous (a compiled step is handed rows already
+                # an int when the rows are contiguous (a compiled step is handed rows already
                 # sorted out: a tensor there means scattered rows, and reading it would break the graph)
                 cache_rows = caches[0].rows_index(B, cache_rows)
 
