@@ -32,6 +32,7 @@ import torch
 from inhouse.engine import sampling
 from inhouse.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from inhouse.engine.params import SamplingParams
+from inhouse.model.fused_decode import FusedDecode, fused_decode_unsupported
 from inhouse.model.transformer import Transformer
 from inhouse.tokenizer.base import Tokenizer
 from inhouse.tokenizer.detokenizer import IncrementalDetokenizer
@@ -123,12 +124,15 @@ class Engine:
         max_num_batched_tokens: token budget of one step (bounds prefill chunk size).
         seed: seeds the generators of requests that bring no seed of their own.
         compile: run decode steps through `inhouse.engine.compile.compile_decode` (opt-in).
+        fused: run decode steps of a natively quantized model as one native call
+            (`inhouse.model.fused_decode`) where it applies (the compiled or eager model after its
+            layers are swapped for LoRA ones). False: always the model (or its compiled step).
         adapters: the LoRA adapters requests may name (an `AdapterBank` on `model`); settable later.
     """
 
     def __init__(self, model: Transformer, tokenizer: Tokenizer, *, max_model_len: int,
                  max_num_seqs: int = 8, max_num_batched_tokens: int = 2048, seed: int = 0,
-                 compile: bool = False, adapters: Optional["AdapterBank"] = None):
+                 compile: bool = False, adapters: Optional["AdapterBank"] = None, fused: bool = True):
         if max_model_len < 2:
             raise EngineError(f"max_model_len={max_model_len} must be at least 2")
         self.model = model
@@ -148,11 +152,17 @@ class Engine:
         self.caches = model.new_caches(max_num_seqs, min(max_model_len, 256))
         self.device = model.tok_embeddings.weight.device
         self.adapters = adapters
-        self._decode_model = model
+        self._compiled = None
         if compile:
             from inhouse.engine.compile import compile_decode
 
-            self._decode_model = compile_decode(model)
+            self._compiled = compile_decode(model)
+        self._decode_model = self._compiled or model
+        why = fused_decode_unsupported(model) if fused else "fused=False"
+        if why is None:  # a quantized model's decode step as one native call; the above after a LoRA swap
+            self._decode_model = FusedDecode(model, fallback=self._decode_model)
+        logger.info("decode steps: %s", "one native call" if why is None else
+                    f"{'compiled' if compile else 'eager'} model ({why})")
 
     def warm_up(self) -> int:
         """Run the compiled decode step once per kind of step it will meet, before any request.
@@ -164,7 +174,7 @@ class Engine:
         rows, which every request overwrites before reading. Returns the number of steps run
         (0 for an eager engine or with requests in flight).
         """
-        if self._decode_model is self.model or self.has_unfinished():
+        if self._compiled is None or self.has_unfinished():
             return 0
         n = self.caches[0].k.shape[0]
         kinds = [[0], [1], [0, 1], [1, 2], [0, 2]]
@@ -178,7 +188,7 @@ class Engine:
                 if self.adapters is not None:
                     self.adapters.set_rows([0] * B)  # the base model's rows, as a step without adapters
                 try:
-                    self._decode_model(tokens, input_pos=pos, caches=self.caches, last_only=True,
+                    self._compiled(tokens, input_pos=pos, caches=self.caches, last_only=True,
                                        cache_rows=torch.tensor(rows, device=self.device))
                 finally:
                     if self.adapters is not None:

@@ -4,7 +4,9 @@ quant_cpu.cpp holds the decode-time matmuls of `inhouse.model.quant.Int4Linear` 
 `Int8Linear` on CPUs with AVX-512 VNNI and BF16 (``torch.ops.inhouse.int4_mm``, ``int8_mm``:
 4-bit or 8-bit weights times activations quantized to int16 per group of 32, reading the weights
 at close to memory bandwidth, where PyTorch's int4 kernel reaches about half of it) and
-``int4_dequantize`` (the bf16 matrix for prompt chunks).
+``int4_dequantize`` (the bf16 matrix for prompt chunks); decode_cpu.cpp holds
+``torch.classes.inhouse.FusedDecoder``, a quantized model's whole decode step in one call
+(`inhouse.model.fused_decode`). Both share the row kernels of quant_cpu.h.
 
 The library is built once per source/PyTorch/Python version into ``$INHOUSE_KERNEL_CACHE``
 (default ``~/.cache/inhouse/kernels``; about 10 s on two cores) and loaded from there
@@ -29,7 +31,9 @@ import torch
 
 logger = logging.getLogger("inhouse.kernels")
 
-_SOURCE = Path(__file__).with_name("quant_cpu.cpp")
+_HERE = Path(__file__).parent
+_SOURCES = [_HERE / "quant_cpu.cpp", _HERE / "decode_cpu.cpp"]
+_HEADERS = [_HERE / "quant_cpu.h"]
 _CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma")
 _CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mf16c", "-mfma", "-fopenmp"]
 _state: Optional[bool] = None
@@ -66,7 +70,9 @@ def _why_not() -> Optional[str]:
 
 
 def _build_name() -> str:
-    h = hashlib.sha256(_SOURCE.read_bytes())
+    h = hashlib.sha256()
+    for f in _SOURCES + _HEADERS:
+        h.update(f.read_bytes())
     h.update(f"{torch.__version__}|{sys.version_info[:2]}|{' '.join(_CFLAGS)}".encode())
     return "inhouse_quant_cpu_" + h.hexdigest()[:12]
 
@@ -101,7 +107,7 @@ def _load() -> Optional[str]:
             work.mkdir(parents=True, exist_ok=True)
             logger.warning("building the native CPU kernels once (about 10 s; kept in %s)", build_dir)
             t = time.perf_counter()
-            cpp_extension.load(name=name, sources=[str(_SOURCE)], extra_cflags=_CFLAGS,
+            cpp_extension.load(name=name, sources=[str(f) for f in _SOURCES], extra_cflags=_CFLAGS,
                                extra_ldflags=["-fopenmp"], build_directory=str(work),
                                is_python_module=False, verbose=False)
             os.replace(work / f"{name}.so", lib)
@@ -113,6 +119,10 @@ def _load() -> Optional[str]:
         return f"build failed: {str(e).strip().splitlines()[-1] if str(e).strip() else type(e).__name__}"
     if not all(hasattr(torch.ops.inhouse, op) for op in ("int4_mm", "int8_mm", "int4_dequantize")):
         return "the built library did not register inhouse::int4_mm, int8_mm and int4_dequantize"
+    try:
+        torch.classes.inhouse.FusedDecoder
+    except (AttributeError, RuntimeError):
+        return "the built library did not register inhouse.FusedDecoder"
     _register_fake()
     return None
 

@@ -1,0 +1,521 @@
+// The decode step of a weight-quantized Llama model in one native call (inhouse.model.fused_decode).
+//
+// A decode step (every sequence one token behind) of a small model is hundreds of small
+// operations: on SmolLM2-135M, 210 matrix x vector products of 0.1-0.9 MB of 4-bit weights and
+// ~1,500 element-wise operations. Run one by one from Python, each costs a few microseconds of
+// dispatch and thread fork/join on top of its bytes, which is more than the bytes themselves. Here
+// the whole step (embedding, 30 layers, final norm, vocabulary projection) runs inside one OpenMP
+// parallel region: the threads split each matrix by output rows and meet at a barrier between
+// phases (four or five per layer), so the step costs about what its weights take to read.
+//
+// The arithmetic is the eager model's (inhouse/model/transformer.py with Int4Linear/Int8Linear
+// and RescoredOutput): fp32 residual stream and norms, activations quantized to int16 per group of
+// 32 for the quantized matmuls (quant_cpu.h, the same row kernels), RoPE on interleaved pairs in
+// fp32, keys/values stored in the bf16 cache, attention scores and softmax in fp32, SwiGLU in
+// fp32; the vocabulary projection an int8 pass whose top-k logits are recomputed exactly from the
+// bf16 rows. Only the order of some fp32 sums differs (within ~1e-6 relative). Every row of the
+// batch is computed alone, the same way whatever the batch: a sequence's tokens do not depend on
+// which others share its steps.
+
+#include "quant_cpu.h"
+
+#include <ATen/Parallel.h>
+#include <omp.h>
+#include <torch/custom_class.h>
+#include <torch/library.h>
+
+#include <cstring>
+#include <limits>
+#include <vector>
+
+namespace {
+
+using namespace inhouse_kernels;
+
+// e^x for 16 floats: x = n ln2 + r, |r| <= ln2/2, e^r by Cephes' degree-6 polynomial (~1e-7 relative).
+inline __m512 exp16(__m512 x) {
+  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
+  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
+  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
+  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
+  return _mm512_scalef_ps(p, n);
+}
+
+inline __m512 load_bf16(const uint16_t* p) {  // 16 bf16 -> fp32 (exact)
+  return _mm512_castsi512_ps(_mm512_slli_epi32(
+      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+}
+
+inline uint16_t to_bf16(float f) {  // round to nearest even, as PyTorch's conversion
+  uint32_t u;
+  std::memcpy(&u, &f, 4);
+  if ((u & 0x7FFFFFFFu) > 0x7F800000u) return static_cast<uint16_t>((u >> 16) | 0x40);  // NaN stays NaN
+  u += 0x7FFFu + ((u >> 16) & 1u);
+  return static_cast<uint16_t>(u >> 16);
+}
+
+// A quantized (N, K) matrix: 4-bit codes with fp16 steps/mins per group of 32 (Int4Linear) or
+// int8 with one fp32 scale per row (Int8Linear).
+struct Linear {
+  int64_t N = 0, K = 0;
+  const uint8_t* w4 = nullptr;
+  const at::Half* steps = nullptr;
+  const at::Half* mins = nullptr;
+  const int8_t* w8 = nullptr;
+  const float* row_scales = nullptr;
+
+  int64_t row_bytes() const { return w4 != nullptr ? K / 2 : K; }
+  const char* base() const { return w4 != nullptr ? reinterpret_cast<const char*>(w4) : reinterpret_cast<const char*>(w8); }
+};
+
+// M activation rows quantized for the row kernels: q (M, K) int16; scales and sums (M, G16).
+struct Act {
+  const int16_t* q;
+  const float* scales;
+  const float* sums;
+  int64_t K, G16;
+};
+
+// Output rows [n0, n1) of `L` for all M rows of `a`: out[m * ldo + n]. Sixteen weight rows at a
+// time stay in L1 while each block of up to 8 activation rows passes over them.
+void linear_rows(const Linear& L, int64_t n0, int64_t n1, const Act& a, int64_t M, float* out, int64_t ldo) {
+  if (n0 >= n1) return;
+  const int64_t rb = L.row_bytes();
+  const char* w = L.base();
+  for (int64_t off = 0; off < std::min<int64_t>(kPrefetch, (n1 - n0) * rb); off += 64) {
+    _mm_prefetch(w + n0 * rb + off, _MM_HINT_T0);  // the first rows; later ones are prefetched as we go
+  }
+  for (int64_t nb = n0; nb < n1; nb += 16) {
+    const int64_t ne = std::min<int64_t>(nb + 16, n1);
+    for (int64_t m = 0; m < M; m += kTileRows) {
+      const int r = static_cast<int>(std::min<int64_t>(kTileRows, M - m));
+      const int16_t* q = a.q + m * a.K;
+      const float* s = a.scales + m * a.G16;
+      const float* su = a.sums + m * a.G16;
+      float* o = out + m * ldo;
+      if (L.w4 != nullptr) {
+        switch (r) {
+#define INHOUSE_TILE(R) case R: rows_times_int4<R>(nb, ne, L.K, L.w4, L.steps, L.mins, q, s, su, a.G16, o, ldo); break;
+          INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
+          default: rows_times_int4<1>(nb, ne, L.K, L.w4, L.steps, L.mins, q, s, su, a.G16, o, ldo); break;
+#undef INHOUSE_TILE
+        }
+      } else {
+        switch (r) {
+#define INHOUSE_TILE(R) case R: rows_times_int8<R>(nb, ne, L.K, L.w8, L.row_scales, q, s, a.G16, o, ldo); break;
+          INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
+          default: rows_times_int8<1>(nb, ne, L.K, L.w8, L.row_scales, q, s, a.G16, o, ldo); break;
+#undef INHOUSE_TILE
+        }
+      }
+    }
+  }
+}
+
+// This thread's share [begin, end) of N rows split over T threads, in multiples of 16 rows.
+inline void share(int64_t N, int t, int T, int64_t& begin, int64_t& end) {
+  begin = t == 0 ? 0 : std::min<int64_t>(N, (N * t / T + 15) / 16 * 16);
+  end = t == T - 1 ? N : std::min<int64_t>(N, (N * (t + 1) / T + 15) / 16 * 16);
+}
+
+// y = x / rms(x) * w over D floats (fp32, as F.rms_norm on fp32 tensors).
+inline void rms_norm(const float* x, const float* w, int64_t D, float eps, float* y) {
+  __m512 acc = _mm512_setzero_ps();
+  for (int64_t d = 0; d < D; d += 16) {
+    const __m512 v = _mm512_loadu_ps(x + d);
+    acc = _mm512_fmadd_ps(v, v, acc);
+  }
+  const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(D) + eps);
+  const __m512 vi = _mm512_set1_ps(inv);
+  for (int64_t d = 0; d < D; d += 16) {
+    _mm512_storeu_ps(y + d, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + d), vi), _mm512_loadu_ps(w + d)));
+  }
+}
+
+// Rotate the interleaved pairs (x[2i], x[2i+1]) of one head by (cos[i], sin[i]), in place.
+inline void rope(float* x, const float* cs, const float* sn, int64_t hd) {
+  for (int64_t i = 0; i < hd / 2; ++i) {
+    const float x0 = x[2 * i], x1 = x[2 * i + 1];
+    x[2 * i] = x0 * cs[i] - x1 * sn[i];
+    x[2 * i + 1] = x0 * sn[i] + x1 * cs[i];
+  }
+}
+
+// One query head over S cached positions (bf16 keys/values, rows of hd): y = softmax(q.k * scale) v.
+void attend_head(const float* q, const uint16_t* kc, const uint16_t* vc, int64_t S, int64_t hd, float scale,
+                 float* scores, float* y) {
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < S; ++s) {
+    const uint16_t* kr = kc + s * hd;
+    __m512 acc = _mm512_setzero_ps();
+    for (int64_t d = 0; d < hd; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load_bf16(kr + d), acc);
+    scores[s] = _mm512_reduce_add_ps(acc) * scale;
+    mx = std::max(mx, scores[s]);
+  }
+  const __m512 vmx = _mm512_set1_ps(mx);
+  __m512 vsum = _mm512_setzero_ps();
+  int64_t s = 0;
+  for (; s + 16 <= S; s += 16) {
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + s), vmx));
+    _mm512_storeu_ps(scores + s, e);
+    vsum = _mm512_add_ps(vsum, e);
+  }
+  if (s < S) {
+    const __mmask16 m = static_cast<__mmask16>((1u << (S - s)) - 1);
+    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + s), vmx));
+    _mm512_mask_storeu_ps(scores + s, m, e);
+    vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, e));
+  }
+  const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
+  for (int64_t d = 0; d < hd; d += 16) _mm512_storeu_ps(y + d, _mm512_setzero_ps());
+  for (int64_t t = 0; t < S; ++t) {
+    const __m512 p = _mm512_set1_ps(scores[t] * inv);
+    const uint16_t* vr = vc + t * hd;
+    for (int64_t d = 0; d < hd; d += 16) _mm512_storeu_ps(y + d, _mm512_fmadd_ps(p, load_bf16(vr + d), _mm512_loadu_ps(y + d)));
+  }
+}
+
+// Indices of the k largest of v[0..n) (any order).
+void top_k(const float* v, int64_t n, int64_t k, int64_t* out) {
+  std::vector<std::pair<float, int64_t>> heap;  // min-heap of the best so far
+  heap.reserve(k + 1);
+  auto cmp = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) { return a.first > b.first; };
+  float thresh = -std::numeric_limits<float>::infinity();
+  for (int64_t i = 0; i < n; i += 16) {
+    const __mmask16 valid = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
+    const __m512 x = _mm512_maskz_loadu_ps(valid, v + i);
+    uint32_t hits = _mm512_mask_cmp_ps_mask(valid, x, _mm512_set1_ps(thresh), _CMP_GT_OQ);
+    if (static_cast<int64_t>(heap.size()) < k) hits = valid;  // fill the heap first
+    while (hits) {
+      const int j = __builtin_ctz(hits);
+      hits &= hits - 1;
+      const float x_j = v[i + j];
+      if (static_cast<int64_t>(heap.size()) < k) {
+        heap.emplace_back(x_j, i + j);
+        std::push_heap(heap.begin(), heap.end(), cmp);
+      } else if (x_j > heap.front().first) {
+        std::pop_heap(heap.begin(), heap.end(), cmp);
+        heap.back() = {x_j, i + j};
+        std::push_heap(heap.begin(), heap.end(), cmp);
+      }
+      if (static_cast<int64_t>(heap.size()) == k) thresh = heap.front().first;
+    }
+  }
+  for (size_t j = 0; j < heap.size(); ++j) out[j] = heap[j].second;
+  for (int64_t j = static_cast<int64_t>(heap.size()); j < k; ++j) out[j] = 0;
+}
+
+struct Layer {
+  const float* attn_norm;
+  const float* ffn_norm;
+  Linear wq, wk, wv, wo, w1, w3, w2;
+};
+
+// Per-thread scratch: the activations each thread quantizes for itself (every thread computes
+// the same norms and quantization of the same inputs, which costs less than a barrier).
+struct Scratch {
+  std::vector<float> xn, tmp, tmp2, scores, cs;
+  std::vector<int16_t> q;
+  std::vector<float> scales, sums;
+};
+
+class FusedDecoder : public torch::CustomClassHolder {
+ public:
+  // embedding (V, D) bf16; final_norm (D,) fp32; inv_freq (hd/2,) fp32; the output projection as
+  // an int8 pass (out_w8 (V, D) int8, out_scales (V,) fp32) whose top `rescore_k` logits are
+  // recomputed from out_rows (V, D) bf16.
+  FusedDecoder(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps, at::Tensor embedding,
+               at::Tensor final_norm, at::Tensor inv_freq, at::Tensor out_w8, at::Tensor out_scales,
+               at::Tensor out_rows, int64_t rescore_k)
+      : H_(n_heads), KH_(n_kv_heads), hd_(head_dim), eps_(static_cast<float>(eps)), k_(rescore_k) {
+    TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == at::kBFloat16 && embedding.is_contiguous(),
+                "FusedDecoder: the embedding must be a contiguous (V, D) bf16 matrix");
+    V_ = embedding.size(0);
+    D_ = embedding.size(1);
+    TORCH_CHECK(D_ % 64 == 0 && hd_ % 16 == 0 && H_ % KH_ == 0 && (H_ * hd_) % 64 == 0,
+                "FusedDecoder: unsupported geometry (dim ", D_, ", heads ", H_, "/", KH_, ", head_dim ", hd_, ")");
+    check_f32(final_norm, D_, "final norm");
+    check_f32(inv_freq, hd_ / 2, "inv_freq");
+    TORCH_CHECK(out_w8.scalar_type() == at::kChar && out_w8.is_contiguous() && out_w8.size(0) == V_ && out_w8.size(1) == D_,
+                "FusedDecoder: the output projection must be (V, D) int8");
+    check_f32(out_scales, V_, "output scales");
+    TORCH_CHECK(out_rows.scalar_type() == at::kBFloat16 && out_rows.is_contiguous() && out_rows.size(0) == V_ &&
+                out_rows.size(1) == D_, "FusedDecoder: the output rows must be (V, D) bf16");
+    TORCH_CHECK(rescore_k > 0 && rescore_k <= V_, "FusedDecoder: rescore_k must be in [1, V]");
+    keep_ = {embedding, final_norm, inv_freq, out_w8, out_scales, out_rows};
+    emb_ = reinterpret_cast<const uint16_t*>(embedding.data_ptr<at::BFloat16>());
+    final_norm_ = final_norm.data_ptr<float>();
+    inv_freq_ = inv_freq.data_ptr<float>();
+    out_.N = V_;
+    out_.K = D_;
+    out_.w8 = out_w8.data_ptr<int8_t>();
+    out_.row_scales = out_scales.data_ptr<float>();
+    out_rows_ = reinterpret_cast<const uint16_t*>(out_rows.data_ptr<at::BFloat16>());
+  }
+
+  // One layer: its two norm weights, then (w, a, b) for wq, wk, wv, wo, w1, w3, w2, each either
+  // int4 (uint8 codes (N, K/2), fp16 steps and mins (N, K/32)) or int8 (int8 (N, K), fp32 row
+  // scales (N,), b unused).
+  void add_layer(std::vector<at::Tensor> t) {
+    TORCH_CHECK(t.size() == 23, "FusedDecoder.add_layer: expected 23 tensors, got ", t.size());
+    Layer L;
+    check_f32(t[0], D_, "attention norm");
+    check_f32(t[1], D_, "ffn norm");
+    L.attn_norm = t[0].data_ptr<float>();
+    L.ffn_norm = t[1].data_ptr<float>();
+    const int64_t qd = H_ * hd_, kvd = KH_ * hd_;
+    Linear* lins[7] = {&L.wq, &L.wk, &L.wv, &L.wo, &L.w1, &L.w3, &L.w2};
+    const int64_t F = t[14].size(0);  // w1's rows
+    const int64_t shapes[7][2] = {{qd, D_}, {kvd, D_}, {kvd, D_}, {D_, qd}, {F, D_}, {F, D_}, {D_, F}};
+    for (int i = 0; i < 7; ++i) *lins[i] = make_linear(t[2 + 3 * i], t[3 + 3 * i], t[4 + 3 * i], shapes[i][0], shapes[i][1]);
+    TORCH_CHECK(layers_.empty() || F == F_, "FusedDecoder: every layer must have the same hidden size");
+    TORCH_CHECK(F % 64 == 0, "FusedDecoder: hidden size must be a multiple of 64, got ", F);
+    F_ = F;
+    layers_.push_back(L);
+    for (auto& x : t) keep_.push_back(x);
+  }
+
+  // The KV cache: per layer (rows, n_kv_heads, max_len, head_dim) bf16 keys and values.
+  void set_caches(std::vector<at::Tensor> k, std::vector<at::Tensor> v) {
+    TORCH_CHECK(k.size() == layers_.size() && v.size() == layers_.size(), "FusedDecoder: one cache per layer");
+    kc_.clear();
+    vc_.clear();
+    for (size_t i = 0; i < k.size(); ++i) {
+      for (const at::Tensor* c : {&k[i], &v[i]}) {
+        TORCH_CHECK(c->scalar_type() == at::kBFloat16 && c->is_contiguous() && c->dim() == 4 && c->size(1) == KH_ &&
+                    c->size(3) == hd_ && c->sizes() == k[0].sizes(), "FusedDecoder: caches must be contiguous bf16 (rows, ",
+                    KH_, ", max_len, ", hd_, ")");
+      }
+      kc_.push_back(reinterpret_cast<uint16_t*>(k[i].data_ptr<at::BFloat16>()));
+      vc_.push_back(reinterpret_cast<uint16_t*>(v[i].data_ptr<at::BFloat16>()));
+    }
+    cache_rows_ = k[0].size(0);
+    cache_len_ = k[0].size(2);
+    caches_ = std::move(k);
+    for (auto& x : v) caches_.push_back(x);
+  }
+
+  // Logits (B, 1, V) fp32 of the next token of B sequences: token ids (B,), their positions (B,)
+  // and their cache rows (B,), all int64. Writes each token's key/value at its position.
+  at::Tensor step(at::Tensor tokens, at::Tensor positions, at::Tensor rows) {
+    TORCH_CHECK(!kc_.empty(), "FusedDecoder.step: set_caches first");
+    const int64_t B = tokens.numel();
+    for (const at::Tensor* x : {&tokens, &positions, &rows}) {
+      TORCH_CHECK(x->scalar_type() == at::kLong && x->numel() == B, "FusedDecoder.step: tokens, positions and rows must be ",
+                  B, " int64 values each");
+    }
+    const at::Tensor tk = tokens.contiguous(), ps = positions.contiguous(), rw = rows.contiguous();
+    const int64_t* tok = tk.data_ptr<int64_t>();
+    const int64_t* pos = ps.data_ptr<int64_t>();
+    const int64_t* row = rw.data_ptr<int64_t>();
+    int64_t max_pos = 0;
+    for (int64_t b = 0; b < B; ++b) {
+      TORCH_CHECK(tok[b] >= 0 && tok[b] < V_, "FusedDecoder.step: token id ", tok[b], " is outside [0, ", V_, ")");
+      TORCH_CHECK(pos[b] >= 0 && pos[b] < cache_len_, "FusedDecoder.step: position ", pos[b], " is past the cache length ",
+                  cache_len_);
+      TORCH_CHECK(row[b] >= 0 && row[b] < cache_rows_, "FusedDecoder.step: cache row ", row[b], " is outside [0, ",
+                  cache_rows_, ")");
+      max_pos = std::max(max_pos, pos[b]);
+    }
+    at::Tensor logits = at::empty({B, 1, V_}, at::TensorOptions().dtype(at::kFloat));
+    float* lg = logits.data_ptr<float>();
+    const int64_t qd = H_ * hd_, kvd = KH_ * hd_, qkv = qd + 2 * kvd, kmax = std::max(F_, std::max(D_, qd));
+    const int64_t g16 = (kmax / kGroup + 15) / 16 * 16, half = hd_ / 2;
+    h_.assign(B * D_, 0.0f);
+    qkv_.resize(B * qkv);
+    y_.resize(B * qd);
+    g_.resize(B * F_);
+    top_.resize(B * k_);
+    const int T = std::max(1, at::get_num_threads());
+    if (static_cast<int>(scratch_.size()) < T) scratch_.resize(T);
+    for (int t = 0; t < T; ++t) {
+      Scratch& s = scratch_[t];
+      s.xn.resize(B * kmax);
+      s.tmp.resize(B * std::max(F_, std::max(qkv, D_)));
+      s.tmp2.resize(B * F_);
+      s.scores.resize(max_pos + 16);
+      s.cs.resize(B * hd_);
+      s.q.resize(B * kmax);
+      s.scales.assign(B * g16, 0.0f);  // zero padding past each row's groups (the kernels read 16 at a time)
+      s.sums.assign(B * g16, 0.0f);
+    }
+    const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
+
+#pragma omp parallel num_threads(T)
+    {
+      const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      Scratch& sc = scratch_[t];
+      auto quantize = [&](const float* x, int64_t K) -> Act {  // B rows of K, stride K
+        for (int64_t b = 0; b < B; ++b) quantize_row(x + b * K, K, sc.q.data() + b * K, sc.scales.data() + b * g16, sc.sums.data() + b * g16);
+        return Act{sc.q.data(), sc.scales.data(), sc.sums.data(), K, g16};
+      };
+      auto norm_and_quantize = [&](const float* w) -> Act {
+        for (int64_t b = 0; b < B; ++b) rms_norm(h_.data() + b * D_, w, D_, eps_, sc.xn.data() + b * D_);
+        return quantize(sc.xn.data(), D_);
+      };
+      // RoPE angles of each row (the same in every layer): positions * inv_freq in fp32, as the model
+      for (int64_t b = 0; b < B; ++b) {
+        for (int64_t i = 0; i < half; ++i) {
+          const float a = static_cast<float>(pos[b]) * inv_freq_[i];
+          sc.cs[b * hd_ + i] = std::cos(a);
+          sc.cs[b * hd_ + half + i] = std::sin(a);
+        }
+      }
+      int64_t b0, b1;
+      share(B * D_, t, nt, b0, b1);
+      for (int64_t i = b0; i < b1; ++i) {  // the embedding rows, bf16 -> fp32
+        const int64_t b = i / D_, d = i % D_;
+        uint32_t u = static_cast<uint32_t>(emb_[tok[b] * D_ + d]) << 16;
+        std::memcpy(&h_[i], &u, 4);
+      }
+#pragma omp barrier
+      for (size_t l = 0; l < layers_.size(); ++l) {
+        const Layer& L = layers_[l];
+        // q, k, v: one quantized input, the three matrices' rows split as one
+        Act a = norm_and_quantize(L.attn_norm);
+        int64_t n0, n1;
+        share(qkv, t, nt, n0, n1);
+        const Linear* segs[3] = {&L.wq, &L.wk, &L.wv};
+        int64_t off = 0;
+        for (const Linear* sg : segs) {
+          const int64_t s0 = std::max(n0, off) - off, s1 = std::min(n1, off + sg->N) - off;
+          linear_rows(*sg, s0, s1, a, B, qkv_.data() + off, qkv);
+          off += sg->N;
+        }
+#pragma omp barrier
+        // keys and values of the new tokens into the cache (keys rotated)
+        for (int64_t u = t; u < B * KH_; u += nt) {
+          const int64_t b = u / KH_, j = u % KH_;
+          float* kr = qkv_.data() + b * qkv + qd + j * hd_;
+          const float* vr = qkv_.data() + b * qkv + qd + kvd + j * hd_;
+          rope(kr, sc.cs.data() + b * hd_, sc.cs.data() + b * hd_ + half, hd_);
+          const int64_t at_ = ((row[b] * KH_ + j) * cache_len_ + pos[b]) * hd_;
+          for (int64_t d = 0; d < hd_; ++d) {
+            kc_[l][at_ + d] = to_bf16(kr[d]);
+            vc_[l][at_ + d] = to_bf16(vr[d]);
+          }
+        }
+#pragma omp barrier
+        // attention, one query head at a time
+        for (int64_t u = t; u < B * H_; u += nt) {
+          const int64_t b = u / H_, hh = u % H_, j = hh / (H_ / KH_);
+          float* qr = qkv_.data() + b * qkv + hh * hd_;
+          rope(qr, sc.cs.data() + b * hd_, sc.cs.data() + b * hd_ + half, hd_);
+          const int64_t c0 = (row[b] * KH_ + j) * cache_len_ * hd_;
+          attend_head(qr, kc_[l] + c0, vc_[l] + c0, pos[b] + 1, hd_, scale, sc.scores.data(), y_.data() + b * qd + hh * hd_);
+        }
+#pragma omp barrier
+        // h += wo y
+        a = quantize(y_.data(), qd);
+        share(D_, t, nt, n0, n1);
+        linear_rows(L.wo, n0, n1, a, B, sc.tmp.data(), D_);
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t n = n0; n < n1; ++n) h_[b * D_ + n] += sc.tmp[b * D_ + n];
+#pragma omp barrier
+        // g = silu(w1 x) * (w3 x), this thread's rows of both
+        a = norm_and_quantize(L.ffn_norm);
+        share(F_, t, nt, n0, n1);
+        linear_rows(L.w1, n0, n1, a, B, sc.tmp.data(), F_);
+        linear_rows(L.w3, n0, n1, a, B, sc.tmp2.data(), F_);
+        for (int64_t b = 0; b < B; ++b) {
+          for (int64_t n = n0; n < n1; n += 16) {
+            const __mmask16 m = n1 - n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n1 - n)) - 1);
+            const __m512 x1 = _mm512_maskz_loadu_ps(m, sc.tmp.data() + b * F_ + n);
+            const __m512 x3 = _mm512_maskz_loadu_ps(m, sc.tmp2.data() + b * F_ + n);
+            const __m512 sig = _mm512_div_ps(x1, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x1))));
+            _mm512_mask_storeu_ps(g_.data() + b * F_ + n, m, _mm512_mul_ps(sig, x3));
+          }
+        }
+#pragma omp barrier
+        // h += w2 g
+        a = quantize(g_.data(), F_);
+        share(D_, t, nt, n0, n1);
+        linear_rows(L.w2, n0, n1, a, B, sc.tmp.data(), D_);
+        for (int64_t b = 0; b < B; ++b)
+          for (int64_t n = n0; n < n1; ++n) h_[b * D_ + n] += sc.tmp[b * D_ + n];
+#pragma omp barrier
+      }
+      // the vocabulary: an int8 pass, then each row's top k recomputed from the bf16 rows
+      Act a = norm_and_quantize(final_norm_);
+      int64_t n0, n1;
+      share(V_, t, nt, n0, n1);
+      linear_rows(out_, n0, n1, a, B, lg, V_);
+#pragma omp barrier
+      for (int64_t b = t; b < B; b += nt) {
+        int64_t* top = top_.data() + b * k_;
+        top_k(lg + b * V_, V_, k_, top);
+        const float* x = sc.xn.data() + b * D_;
+        for (int64_t j = 0; j < k_; ++j) {
+          const uint16_t* r = out_rows_ + top[j] * D_;
+          __m512 acc = _mm512_setzero_ps();
+          for (int64_t d = 0; d < D_; d += 16) acc = _mm512_fmadd_ps(load_bf16(r + d), _mm512_loadu_ps(x + d), acc);
+          lg[b * V_ + top[j]] = _mm512_reduce_add_ps(acc);
+        }
+      }
+    }
+    return logits;
+  }
+
+ private:
+  void check_f32(const at::Tensor& x, int64_t n, const char* what) {
+    TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() == n, "FusedDecoder: ", what,
+                " must be ", n, " contiguous fp32 values");
+  }
+
+  Linear make_linear(const at::Tensor& w, const at::Tensor& a, const at::Tensor& b, int64_t N, int64_t K) {
+    Linear L;
+    L.N = N;
+    L.K = K;
+    TORCH_CHECK(w.is_contiguous() && a.is_contiguous() && w.dim() == 2 && w.size(0) == N && K % 64 == 0,
+                "FusedDecoder: a (", N, ", ", K, ") matrix was expected, got ", w.sizes());
+    if (w.scalar_type() == at::kByte) {
+      TORCH_CHECK(w.size(1) == K / 2 && a.scalar_type() == at::kHalf && b.scalar_type() == at::kHalf && b.is_contiguous() &&
+                  a.numel() == N * K / kGroup && b.numel() == N * K / kGroup, "FusedDecoder: bad int4 matrix");
+      L.w4 = w.data_ptr<uint8_t>();
+      L.steps = a.data_ptr<at::Half>();
+      L.mins = b.data_ptr<at::Half>();
+    } else {
+      TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == K && a.scalar_type() == at::kFloat && a.numel() == N,
+                  "FusedDecoder: bad int8 matrix");
+      L.w8 = w.data_ptr<int8_t>();
+      L.row_scales = a.data_ptr<float>();
+    }
+    return L;
+  }
+
+  int64_t H_, KH_, hd_;
+  float eps_;
+  int64_t k_;
+  int64_t V_ = 0, D_ = 0, F_ = 0;
+  const uint16_t* emb_ = nullptr;
+  const float* final_norm_ = nullptr;
+  const float* inv_freq_ = nullptr;
+  Linear out_;
+  const uint16_t* out_rows_ = nullptr;
+  std::vector<Layer> layers_;
+  std::vector<uint16_t*> kc_, vc_;
+  int64_t cache_rows_ = 0, cache_len_ = 0;
+  std::vector<at::Tensor> keep_, caches_;  // what the raw pointers point into
+  std::vector<float> h_, qkv_, y_, g_;
+  std::vector<int64_t> top_;
+  std::vector<Scratch> scratch_;
+};
+
+}  // namespace
+
+TORCH_LIBRARY_FRAGMENT(inhouse, m) {
+  m.class_<FusedDecoder>("FusedDecoder")
+      .def(torch::init<int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
+                       at::Tensor, int64_t>())
+      .def("add_layer", &FusedDecoder::add_layer)
+      .def("set_caches", &FusedDecoder::set_caches)
+      .def("step", &FusedDecoder::step);
+}

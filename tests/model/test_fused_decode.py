@@ -1,0 +1,132 @@
+"""The fused native decode step (inhouse/kernels/decode_cpu.cpp) against the eager quantized model.
+
+The eager model with the same quantized linears is the reference: the fused step runs the same
+row kernels, so on a tiny model the logits agree to float rounding (the order of a few fp32 sums
+differs). Its quality against the fp32 model on real text is in tests/model/test_quant.py.
+"""
+
+import sys
+
+import pytest
+import torch
+
+from inhouse.kernels import _cpu_flags
+from inhouse.model.fused_decode import FusedDecode, fused_decode_unsupported
+from inhouse.model.quant import quantize_model
+
+make_tiny_llama = sys.modules["_inhouse_tests_tiny"].make_tiny_llama
+
+pytestmark = pytest.mark.skipif("avx512_vnni" not in _cpu_flags(), reason="the native kernels need AVX-512 VNNI")
+
+
+def quantized_tiny(mode: str, seed: int = 0):
+    return quantize_model(make_tiny_llama(seed=seed, std=0.3), mode)
+
+
+@torch.inference_mode()
+def run_steps(step, model, ids, rows, n_rows=6):
+    """Feed `ids` (B, T) one position at a time into cache rows `rows`; logits (B, T, V)."""
+    B, T = ids.shape
+    caches = model.new_caches(n_rows, T)
+    out = [step(ids[:, i:i + 1], input_pos=torch.full((B, 1), i), caches=caches, cache_rows=rows)[:, 0] for i in range(T)]
+    return torch.stack(out, 1), caches
+
+
+@pytest.mark.parametrize("mode", ["int4", "int8"])
+def test_fused_step_equals_the_eager_model(mode):
+    model = quantized_tiny(mode)
+    assert fused_decode_unsupported(model) is None
+    fused = FusedDecode(model)
+    ids = torch.randint(0, model.args.vocab_size, (3, 24), generator=torch.Generator().manual_seed(1))
+    rows = torch.tensor([4, 0, 2])  # scattered cache rows
+    eager, eager_caches = run_steps(model, model, ids, rows)
+    got, got_caches = run_steps(fused, model, ids, rows)
+    assert got.shape == eager.shape == (3, 24, model.args.vocab_size) and got.dtype == torch.float32
+    scale = eager.abs().max().item()
+    assert scale > 1
+    # the first token attends to itself only: float rounding alone
+    assert (got[:, 0] - eager[:, 0]).abs().max().item() < 3e-4 * scale
+    # later ones read keys/values that a last-bit difference may have rounded to the other
+    # neighbouring bf16 value (0.4%): still far below what a wrong head, position or row would do
+    assert (got - eager).abs().max().item() < 3e-3 * scale
+    assert (got.argmax(-1) == eager.argmax(-1)).float().mean().item() >= 0.95
+    # keys and values land in the same cache rows and positions (bf16: equal up to one rounding step)
+    for ce, cf in zip(eager_caches, got_caches):
+        for a, b in ((ce.k, cf.k), (ce.v, cf.v)):
+            torch.testing.assert_close(b.float(), a.float(), rtol=1e-2, atol=1e-3)
+            assert b[[1, 3, 5]].abs().sum() == 0  # rows no sequence uses stay untouched
+
+
+def test_rows_do_not_depend_on_the_batch():
+    """Each sequence is computed alone, bit for bit: the server's greedy outputs stay the sequential ones."""
+    model = quantized_tiny("int4", seed=2)
+    fused = FusedDecode(model)
+    ids = torch.randint(0, model.args.vocab_size, (5, 10), generator=torch.Generator().manual_seed(3))
+    together, _ = run_steps(fused, model, ids, torch.arange(5))
+    for b in range(5):
+        alone, _ = run_steps(fused, model, ids[b:b + 1], torch.tensor([b]))
+        assert torch.equal(alone[0], together[b])
+
+
+def test_more_rows_than_one_kernel_pass_takes():
+    """Batches over 8 rows take several passes over the weights (the kernel's tile): same results."""
+    model = quantized_tiny("int4", seed=4)
+    fused = FusedDecode(model)
+    ids = torch.randint(0, model.args.vocab_size, (11, 4), generator=torch.Generator().manual_seed(5))
+    rows = torch.arange(11)
+    eager, _ = run_steps(model, model, ids, rows, n_rows=11)
+    got, _ = run_steps(fused, model, ids, rows, n_rows=11)
+    assert (got - eager).abs().max().item() < 3e-3 * eager.abs().max().item()
+
+
+def test_other_models_are_refused_with_the_reason():
+    fp32 = make_tiny_llama()
+    why = fused_decode_unsupported(fp32)
+    assert why is not None and "output projection" in why
+    with pytest.raises(ValueError, match="cannot run this model"):
+        FusedDecode(fp32)
+
+
+def test_swapped_layers_and_longer_steps_go_to_the_fallback():
+    model = quantized_tiny("int4")
+    calls = []
+
+    def fallback(tokens, **kw):
+        calls.append(tokens.shape)
+        return model(tokens, **kw)
+
+    fused = FusedDecode(model, fallback=fallback)
+    caches = model.new_caches(1, 8)
+    with torch.inference_mode():
+        fused(torch.tensor([[1, 2]]), input_pos=torch.tensor([[0, 1]]), caches=caches)  # two tokens: eager
+        assert calls == [(1, 2)]
+        fused(torch.tensor([[3]]), input_pos=torch.tensor([[2]]), caches=caches)
+        assert len(calls) == 1  # one token: native
+        model.__dict__["layers_changed"] = True  # what applying LoRA layers does
+        fused(torch.tensor([[4]]), input_pos=torch.tensor([[3]]), caches=caches)
+        assert calls[-1] == (1, 1)
+
+
+def test_bad_positions_are_errors_not_crashes():
+    model = quantized_tiny("int4")
+    fused = FusedDecode(model)
+    caches = model.new_caches(2, 8)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="position 8 is past the cache length 8"):
+        fused(torch.tensor([[1]]), input_pos=torch.tensor([[8]]), caches=caches)
+    with torch.inference_mode(), pytest.raises(RuntimeError, match="cache row 2 is outside"):
+        fused(torch.tensor([[1]]), input_pos=torch.tensor([[0]]), caches=caches, cache_rows=torch.tensor([2]))
+
+
+def test_the_engine_decodes_the_embedded_model_natively():
+    from inhouse import LLM, SamplingParams
+
+    llm = LLM(max_model_len=256)
+    assert isinstance(llm.engine._decode_model, FusedDecode)
+    greedy = SamplingParams(temperature=0, max_tokens=24, ignore_eos=True)
+    prompt = [{"role": "user", "content": "What is the capital of France?"}]
+    fused = llm.chat(prompt, greedy)[0].outputs[0]
+    assert "Paris" in fused.text
+    llm.engine._decode_model = llm.model  # the eager quantized model, same weights
+    eager = llm.chat(prompt, greedy)[0].outputs[0]
+    # float-rounding differences may flip a near-tie late in a long answer; the start must agree
+    assert fused.token_ids[:12] == eager.token_ids[:12]
