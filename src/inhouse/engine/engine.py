@@ -149,6 +149,7 @@ class Engine:
         self.running: list[Request] = []
         self.requests: dict[str, Request] = {}
         self._free_slots = list(range(max_num_seqs))
+        self._last_sampling: Optional[tuple[list[SamplingParams], sampling.SamplingTensors]] = None
         self.caches = model.new_caches(max_num_seqs, min(max_model_len, 256))
         self.device = model.tok_embeddings.weight.device
         self.adapters = adapters
@@ -434,7 +435,7 @@ class Engine:
         params = [s.request.params for s in seqs]
         stops = [set(p.stop_token_ids or ()) | (set() if p.ignore_eos else set(self.stop_ids)) for p in params]
         biased = sampling.apply_min_tokens(logits, [len(s.output_ids) for s in seqs], [p.min_tokens for p in params], stops)
-        tensors = sampling.SamplingTensors.from_params(params, logits.device)
+        tensors = self._sampling_tensors(params, logits.device)
         counts = prompt_mask = None
         if not tensors.no_penalties:
             V = logits.shape[-1]
@@ -447,6 +448,13 @@ class Engine:
             chosen, top_ids, top_lp = sampling.compute_logprobs(logits, tokens, k)
             lp = (chosen, top_ids, top_lp, self._ranks(logits, tokens))
         return tokens.tolist(), lp
+
+    def _sampling_tensors(self, params: list[SamplingParams], device) -> sampling.SamplingTensors:
+        """The batch's `SamplingTensors`, reused while the same requests decode together (most steps)."""
+        last = self._last_sampling
+        if last is None or len(last[0]) != len(params) or any(a is not b for a, b in zip(last[0], params)):
+            last = self._last_sampling = (params, sampling.SamplingTensors.from_params(params, device))
+        return last[1]
 
     def _append(self, seq: Sequence, tok: int, lp) -> SeqUpdate:
         req = seq.request

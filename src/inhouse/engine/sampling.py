@@ -98,6 +98,18 @@ class SamplingTensors:
         )
 
 
+def argmax_rows(x: torch.Tensor) -> torch.Tensor:
+    """(B, V) -> (B,) int64: where each row's largest value is (the first of equal ones, NaN first).
+
+    ``torch.argmax``, except that on the CPU it goes through NumPy, whose vectorized argmax is ~9x
+    faster there (one 49,152-entry row: 5 vs 45 µs): a small model pays this every token, next to
+    a decode step of ~4 ms.
+    """
+    if x.device.type == "cpu" and x.dtype == torch.float32 and not x.requires_grad:
+        return torch.from_numpy(x.contiguous().numpy().argmax(-1))
+    return x.argmax(dim=-1)
+
+
 def make_generator(seed: int, device: torch.device | str = "cpu") -> torch.Generator:
     """A ``torch.Generator`` on ``device`` seeded with ``seed``, for one seeded request.
 
@@ -334,7 +346,7 @@ def sample(
     if len(generators) != batch:
         raise ValueError(f"sample: got {len(generators)} generators for a batch of {batch} rows (need one per row)")
     logits = logits.float()
-    greedy_tokens = logits.argmax(dim=-1)  # (B,)
+    greedy_tokens = argmax_rows(logits)  # (B,)
     temps = temperature.float().tolist()
     random_rows = [row for row, t in enumerate(temps) if t >= SAMPLING_EPS]
     if not random_rows:
@@ -353,7 +365,7 @@ def sample(
             q[row].exponential_(generator=generators[row])
     # Exp(1) may return 0.0 in float32; the floor keeps p / q finite and changes nothing measurable.
     q.clamp_min_(torch.finfo(q.dtype).tiny)
-    random_tokens = (probs / q).argmax(dim=-1)  # (B,)
+    random_tokens = argmax_rows(probs / q)  # (B,)
     return torch.where(greedy, greedy_tokens, random_tokens)
 
 
@@ -425,7 +437,7 @@ def sample_tokens(
             tensors.frequency_penalty,
         )
     if tensors.all_greedy:
-        return logits.argmax(dim=-1)
+        return argmax_rows(logits)
     scaled = apply_temperature(logits, tensors.temperature)
     if not (tensors.no_top_k and tensors.no_top_p and tensors.no_min_p):
         scaled = apply_top_k_top_p_min_p(scaled, tensors.top_k, tensors.top_p, tensors.min_p)
