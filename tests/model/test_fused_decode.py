@@ -10,13 +10,13 @@ import sys
 import pytest
 import torch
 
-from inhouse.kernels import _cpu_flags
+from inhouse.kernels import cpu_isa
 from inhouse.model.fused_decode import FusedDecode, fused_decode_unsupported
 from inhouse.model.quant import quantize_model
 
 make_tiny_llama = sys.modules["_inhouse_tests_tiny"].make_tiny_llama
 
-pytestmark = pytest.mark.skipif("avx512_vnni" not in _cpu_flags(), reason="the native kernels need AVX-512 VNNI")
+pytestmark = pytest.mark.skipif(cpu_isa() is None, reason="the native kernels need AVX-512 VNNI or AVX2")
 
 
 def quantized_tiny(mode: str, seed: int = 0):

@@ -1,16 +1,17 @@
 """The native int4/int8 CPU kernels (inhouse/kernels/quant_cpu.cpp) against float64 references.
 
-On this machine kind (AVX-512 VNNI) the kernels must build and load: a failed build would
-silently fall back to PyTorch's kernels, so availability itself is asserted here.
+On this machine kind (x86-64 with AVX-512 VNNI or AVX2) the kernels must build and load: a failed
+build would silently fall back to PyTorch's kernels, so availability itself is asserted here. On an
+AVX-512 CPU the AVX2 build is tested too (`test_the_avx2_build_passes_these_tests_too`).
 """
 
 import pytest
 import torch
 
-from inhouse.kernels import _cpu_flags, native_kernels_available
+from inhouse.kernels import cpu_isa, native_kernels_available
 from inhouse.model.quant import Int4Linear, Int8Linear
 
-pytestmark = pytest.mark.skipif("avx512_vnni" not in _cpu_flags(), reason="the native kernels need AVX-512 VNNI")
+pytestmark = pytest.mark.skipif(cpu_isa() is None, reason="the native kernels need AVX-512 VNNI or AVX2")
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
@@ -102,9 +103,59 @@ def test_compiled_graph_calls_the_kernel_without_a_break():
 
 
 def test_int4_dequantize_equals_the_torch_ops_it_replaces():
-    """Prompt chunks multiply by this bf16 matrix: the same bits as fp32 dequantization rounded once."""
+    """Prompt chunks multiply by this matrix: the same bits as fp32 dequantization (rounded once to bf16)."""
+    from inhouse.kernels import cpu_has_fast_bf16
+    from inhouse.model.quant import chunk_dtype
+
     lin = Int4Linear.from_weight(torch.randn(200, 576, generator=torch.Generator().manual_seed(7)), native=True)
     w = torch.ops.inhouse.int4_dequantize(lin.weight_q4, lin.steps, lin.mins)
     assert w.dtype == torch.bfloat16 and torch.equal(w, lin.dequantized(torch.float32).to(torch.bfloat16))
+    w32 = torch.ops.inhouse.int4_dequantize(lin.weight_q4, lin.steps, lin.mins, True)
+    assert w32.dtype == torch.float32 and torch.equal(w32, lin.dequantized(torch.float32))
+    # bf16 where the CPU multiplies it in hardware; elsewhere fp32, ~6x faster than emulated bf16
+    assert chunk_dtype() == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)
     x = torch.randn(100, 576, generator=torch.Generator().manual_seed(8))  # > SMALL_BATCH rows: this path
-    torch.testing.assert_close(lin(x), torch.nn.functional.linear(x.bfloat16(), w).float())
+    wc = w if chunk_dtype() == torch.bfloat16 else w32
+    torch.testing.assert_close(lin(x), torch.nn.functional.linear(x.to(chunk_dtype()), wc).float())
+
+
+AVX512_FLAGS = {"avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx2", "f16c", "fma", "sse4_2"}
+
+
+@pytest.mark.parametrize("flags,wanted,isa", [
+    (AVX512_FLAGS, None, "avx512"),
+    (AVX512_FLAGS, "avx2", "avx2"),                       # asked for: the AVX2 build on an AVX-512 CPU
+    (AVX512_FLAGS - {"avx512_bf16"}, None, "avx2"),       # e.g. Intel Ice Lake: VNNI without BF16
+    ({"avx2", "f16c", "fma"}, None, "avx2"),              # e.g. AMD Zen 3
+    ({"avx2", "f16c", "fma"}, "avx512", None),            # asked for one the CPU lacks: none
+    ({"avx", "sse4_2", "f16c"}, None, None),              # no AVX2: PyTorch's kernels
+])
+def test_instruction_set_choice(monkeypatch, flags, wanted, isa):
+    if wanted is None:
+        monkeypatch.delenv("INHOUSE_NATIVE_ISA", raising=False)
+    else:
+        monkeypatch.setenv("INHOUSE_NATIVE_ISA", wanted)
+    assert cpu_isa(flags) == isa
+
+
+@pytest.mark.skipif(cpu_isa() != "avx512", reason="on this CPU the AVX2 build is the one every other test here runs")
+def test_the_avx2_build_passes_these_tests_too():
+    """The AVX2 build of the same sources, on an AVX-512 CPU, in a fresh process (one build per process)."""
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    tests = Path(__file__).parent
+    env = dict(os.environ, INHOUSE_NATIVE_ISA="avx2")
+    r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_native_kernels.py"),
+                        str(tests / "test_fused_decode.py"), "-k", "not avx2_build_passes"],
+                       env=env, capture_output=True, text=True, timeout=1200, cwd=tests.parent.parent)
+    assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
+    assert " passed" in r.stdout and " skipped" not in r.stdout.splitlines()[-1]
+
+
+def test_the_loaded_build_is_the_cpus():
+    from inhouse.kernels import native_isa
+
+    assert native_kernels_available() and native_isa() == cpu_isa()

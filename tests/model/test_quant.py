@@ -103,14 +103,17 @@ def test_int4_recovers_a_q4_1_grid_exactly():
 
 
 def test_int4_codes_are_read_back_from_the_kernel_layout():
-    """No second copy of the 4-bit codes: prompt chunks dequantize from the kernel's own packing."""
-    from inhouse.model.quant import int4pack_layout_is_known, unpack_int4pack
+    """No second copy of the 4-bit codes: prompt chunks dequantize from PyTorch's kernel's own packing."""
+    from inhouse.model.quant import int4pack_block_n, unpack_int4pack
 
-    assert int4pack_layout_is_known()  # PyTorch's AVX-512 layout, on this machine kind
+    # PyTorch's layout with its AVX-512 kernel (blocks of 64 rows) or its AVX2 one (32), on this machine kind
+    assert int4pack_block_n() in (64, 32)
     codes = torch.randint(0, 16, (192, 96), generator=torch.Generator().manual_seed(7), dtype=torch.int32)
     packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
     assert torch.equal(unpack_int4pack(packed, 192, 96).to(torch.int32), codes)
-    lin = Int4Linear.from_weight(torch.randn(192, 96, generator=torch.Generator().manual_seed(8)))
+    other = 32 if int4pack_block_n() == 64 else 64  # the other block size misreads it
+    assert not torch.equal(unpack_int4pack(packed, 192, 96, block_n=other).to(torch.int32), codes)
+    lin = Int4Linear.from_weight(torch.randn(192, 96, generator=torch.Generator().manual_seed(8)), native=False)
     assert lin.weight_nibbles.numel() == 0
     x = torch.randn(3, 96, generator=torch.Generator().manual_seed(9)).to(torch.bfloat16)
     kernel = torch._weight_int4pack_mm_for_cpu(x, lin.weight_int4pack, 32, lin.scales_and_zeros).float()

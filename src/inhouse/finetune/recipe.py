@@ -134,12 +134,9 @@ def bf16_supported(device: torch.device) -> bool:
     if device.type == "cuda":
         return torch.cuda.is_bf16_supported()
     if device.type == "cpu":
-        try:
-            with open("/proc/cpuinfo") as f:
-                flags = f.read(1 << 16)
-        except OSError:
-            return False
-        return "avx512_bf16" in flags or "amx_bf16" in flags
+        from inhouse.kernels import cpu_has_fast_bf16
+
+        return cpu_has_fast_bf16()
     return False
 
 

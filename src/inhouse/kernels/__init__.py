@@ -1,22 +1,27 @@
 """Native CPU kernels, compiled on first use with the machine's C++ compiler and cached on disk.
 
 quant_cpu.cpp holds the decode-time matmuls of `inhouse.model.quant.Int4Linear` and
-`Int8Linear` on CPUs with AVX-512 VNNI and BF16 (``torch.ops.inhouse.int4_mm``, ``int8_mm``:
+`Int8Linear` (``torch.ops.inhouse.int4_mm``, ``int8_mm``:
 4-bit or 8-bit weights times activations quantized to int16 per group of 32, reading the weights
 at close to memory bandwidth, where PyTorch's int4 kernel reaches about half of it) and
 ``int4_dequantize`` (the bf16 matrix for prompt chunks); decode_cpu.cpp holds
 ``torch.classes.inhouse.FusedDecoder``, a quantized model's whole decode step in one call
-(`inhouse.model.fused_decode`). Both share the row kernels of quant_cpu.h.
+(`inhouse.model.fused_decode`). Both share the row kernels of quant_cpu.h, written in the vector
+operations of simd.h, which compile for two instruction sets: AVX-512 (F, BW, VL, VNNI, BF16:
+recent Intel Xeons, AMD Zen 4 and later) and AVX2 with FMA and F16C (AMD Zen 2/3, most other
+x86-64 CPUs of the last decade). `native_isa` says which one this CPU gets;
+``INHOUSE_NATIVE_ISA=avx2`` asks for the AVX2 build on an AVX-512 CPU (to test it there).
 
 The library is built once per source/PyTorch/Python version into ``$INHOUSE_KERNEL_CACHE``
 (default ``~/.cache/inhouse/kernels``; about 10 s on two cores) and loaded from there
-afterwards. Where it cannot be used — another architecture, a CPU without those instructions, no
+afterwards. Where it cannot be used — another architecture, a CPU with neither instruction set, no
 compiler, a failed build, or ``INHOUSE_NATIVE_KERNELS=0`` — `native_kernels_available` says False
 once, with the reason in the log, and the linears keep PyTorch's kernels.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import logging
 import os
@@ -33,10 +38,16 @@ logger = logging.getLogger("inhouse.kernels")
 
 _HERE = Path(__file__).parent
 _SOURCES = [_HERE / "quant_cpu.cpp", _HERE / "decode_cpu.cpp"]
-_HEADERS = [_HERE / "quant_cpu.h"]
-_CPU_FLAGS = ("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "f16c", "fma")
-_CFLAGS = ["-O3", "-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mf16c", "-mfma", "-fopenmp"]
+_HEADERS = [_HERE / "quant_cpu.h", _HERE / "simd.h"]
+# Per instruction set (best first): the /proc/cpuinfo flags it needs and the compiler flags that select it in simd.h.
+ISAS = {
+    "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx2", "f16c", "fma"),
+               ["-mavx512f", "-mavx512bw", "-mavx512vl", "-mavx512vnni", "-mavx512bf16", "-mavx2", "-mf16c", "-mfma"]),
+    "avx2": (("avx2", "f16c", "fma"), ["-mavx2", "-mf16c", "-mfma"]),
+}
+_BASE_CFLAGS = ["-O3", "-fopenmp"]
 _state: Optional[bool] = None
+_isa: Optional[str] = None
 
 
 def kernel_cache_dir() -> Path:
@@ -45,15 +56,39 @@ def kernel_cache_dir() -> Path:
     return Path(env) if env else Path.home() / ".cache" / "inhouse" / "kernels"
 
 
-def _cpu_flags() -> set[str]:
+@functools.lru_cache(maxsize=1)
+def _cpu_flags() -> frozenset[str]:
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                    return frozenset(line.split(":", 1)[1].split())
     except OSError:
         pass
-    return set()
+    return frozenset()
+
+
+def cpu_has_fast_bf16() -> bool:
+    """Whether this CPU multiplies bf16 matrices in hardware (AVX512-BF16 or AMX).
+
+    Without it (AVX2 machines: AMD Zen 2/3, most Intel desktops), PyTorch emulates bf16 matmuls,
+    about 6x slower than fp32 on two cores; prompt chunks and training then compute in fp32.
+    """
+    flags = _cpu_flags()
+    return "avx512_bf16" in flags or "amx_bf16" in flags
+
+
+def cpu_isa(flags: Optional[set[str]] = None) -> Optional[str]:
+    """The best instruction set of `ISAS` the CPU has (``"avx512"``, ``"avx2"``), or None.
+
+    ``INHOUSE_NATIVE_ISA`` names one to use instead (it must be one the CPU has).
+    """
+    flags = _cpu_flags() if flags is None else flags
+    have = [isa for isa, (needs, _) in ISAS.items() if all(f in flags for f in needs)]
+    wanted = os.environ.get("INHOUSE_NATIVE_ISA")
+    if wanted:
+        return wanted if wanted in have else None
+    return have[0] if have else None
 
 
 def _why_not() -> Optional[str]:
@@ -61,20 +96,33 @@ def _why_not() -> Optional[str]:
         return "INHOUSE_NATIVE_KERNELS=0"
     if sys.platform != "linux" or platform.machine() not in ("x86_64", "AMD64"):
         return f"no native kernel for {sys.platform}/{platform.machine()}"
-    missing = [f for f in _CPU_FLAGS if f not in _cpu_flags()]
-    if missing:
-        return "the CPU lacks " + ", ".join(missing)
+    wanted = os.environ.get("INHOUSE_NATIVE_ISA")
+    if wanted and wanted not in ISAS:
+        return f"INHOUSE_NATIVE_ISA={wanted!r} is not one of {', '.join(ISAS)}"
+    if cpu_isa() is None:
+        if wanted:
+            return f"INHOUSE_NATIVE_ISA={wanted}, but the CPU lacks " + ", ".join(f for f in ISAS[wanted][0] if f not in _cpu_flags())
+        return "the CPU has neither AVX-512 VNNI/BF16 nor AVX2 with FMA and F16C"
     if not torch.backends.openmp.is_available():
         return "this PyTorch build has no OpenMP"
     return None
 
 
-def _build_name() -> str:
+def _cflags(isa: str) -> list[str]:
+    return _BASE_CFLAGS + ISAS[isa][1]
+
+
+def _build_name(isa: str) -> str:
     h = hashlib.sha256()
     for f in _SOURCES + _HEADERS:
         h.update(f.read_bytes())
-    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{' '.join(_CFLAGS)}".encode())
-    return "inhouse_quant_cpu_" + h.hexdigest()[:12]
+    h.update(f"{torch.__version__}|{sys.version_info[:2]}|{' '.join(_cflags(isa))}".encode())
+    return f"inhouse_quant_cpu_{isa}_" + h.hexdigest()[:12]
+
+
+def native_isa() -> Optional[str]:
+    """The instruction set the loaded native kernels were built for, or None if they are not used."""
+    return _isa if native_kernels_available() else None
 
 
 def native_kernels_available() -> bool:
@@ -86,15 +134,20 @@ def native_kernels_available() -> bool:
     if reason is not None:
         logger.info("native CPU kernels not used (%s): PyTorch's kernels instead", reason)
     else:
-        reason = _load()
-        if reason is not None:  # the CPU could run them: say it loudly, decode is ~2x slower without
+        isa = cpu_isa()
+        reason = _load(isa)
+        if reason is not None:  # the CPU could run them: say it loudly, decode is several times slower without
             logger.warning("native CPU kernels unavailable (%s): PyTorch's slower kernels instead", reason)
+        else:
+            global _isa
+            _isa = isa
+            logger.debug("native CPU kernels loaded (%s)", isa)
     _state = reason is None
     return _state
 
 
-def _load() -> Optional[str]:
-    name = _build_name()
+def _load(isa: str) -> Optional[str]:
+    name = _build_name(isa)
     build_dir = kernel_cache_dir() / name
     lib = build_dir / f"{name}.so"
     try:
@@ -105,9 +158,9 @@ def _load() -> Optional[str]:
             # process never loads a half-written library
             work = build_dir / f"build-{os.getpid()}"
             work.mkdir(parents=True, exist_ok=True)
-            logger.warning("building the native CPU kernels once (about 10 s; kept in %s)", build_dir)
+            logger.warning("building the native CPU kernels (%s) once (about 10 s; kept in %s)", isa, build_dir)
             t = time.perf_counter()
-            cpp_extension.load(name=name, sources=[str(f) for f in _SOURCES], extra_cflags=_CFLAGS,
+            cpp_extension.load(name=name, sources=[str(f) for f in _SOURCES], extra_cflags=_cflags(isa),
                                extra_ldflags=["-fopenmp"], build_directory=str(work),
                                is_python_module=False, verbose=False)
             os.replace(work / f"{name}.so", lib)
@@ -138,5 +191,5 @@ def _register_fake() -> None:
         return x.new_empty((x.shape[0], w.shape[0]))
 
     @torch.library.register_fake("inhouse::int4_dequantize")
-    def _(w, steps, mins):
-        return w.new_empty((w.shape[0], w.shape[1] * 2), dtype=torch.bfloat16)
+    def _(w, steps, mins, fp32=False):
+        return w.new_empty((w.shape[0], w.shape[1] * 2), dtype=torch.float32 if fp32 else torch.bfloat16)

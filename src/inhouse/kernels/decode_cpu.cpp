@@ -33,25 +33,20 @@ namespace {
 using namespace inhouse_kernels;
 
 // e^x for 16 floats: x = n ln2 + r, |r| <= ln2/2, e^r by Cephes' degree-6 polynomial (~1e-7 relative).
-inline __m512 exp16(__m512 x) {
-  x = _mm512_min_ps(_mm512_max_ps(x, _mm512_set1_ps(-87.3f)), _mm512_set1_ps(88.7f));
-  const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
-                                        _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
-  __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
-  r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
-  __m512 p = _mm512_set1_ps(1.9875691500e-4f);
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.3981999507e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(8.3334519073e-3f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(4.1665795894e-2f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(1.6666665459e-1f));
-  p = _mm512_fmadd_ps(p, r, _mm512_set1_ps(5.0000001201e-1f));
-  p = _mm512_fmadd_ps(p, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.0f)));
-  return _mm512_scalef_ps(p, n);
-}
-
-inline __m512 load_bf16(const uint16_t* p) {  // 16 bf16 -> fp32 (exact)
-  return _mm512_castsi512_ps(_mm512_slli_epi32(
-      _mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
+inline simd::vf exp16(simd::vf x) {
+  using namespace simd;
+  x = min(max(x, set1(-87.3f)), set1(88.7f));
+  const vf n = round(mul(x, set1(1.44269504088896341f)));
+  vf r = fnmadd(n, set1(0.693359375f), x);
+  r = fnmadd(n, set1(-2.12194440e-4f), r);
+  vf p = set1(1.9875691500e-4f);
+  p = fmadd(p, r, set1(1.3981999507e-3f));
+  p = fmadd(p, r, set1(8.3334519073e-3f));
+  p = fmadd(p, r, set1(4.1665795894e-2f));
+  p = fmadd(p, r, set1(1.6666665459e-1f));
+  p = fmadd(p, r, set1(5.0000001201e-1f));
+  p = fmadd(p, mul(r, r), add(r, set1(1.0f)));
+  return scale_pow2(p, n);
 }
 
 inline uint16_t to_bf16(float f) {  // round to nearest even, as PyTorch's conversion
@@ -128,16 +123,15 @@ inline void share(int64_t N, int t, int T, int64_t& begin, int64_t& end) {
 
 // y = x / rms(x) * w over D floats (fp32, as F.rms_norm on fp32 tensors).
 inline void rms_norm(const float* x, const float* w, int64_t D, float eps, float* y) {
-  __m512 acc = _mm512_setzero_ps();
+  using namespace simd;
+  vf acc = zero();
   for (int64_t d = 0; d < D; d += 16) {
-    const __m512 v = _mm512_loadu_ps(x + d);
-    acc = _mm512_fmadd_ps(v, v, acc);
+    const vf v = load(x + d);
+    acc = fmadd(v, v, acc);
   }
-  const float inv = 1.0f / std::sqrt(_mm512_reduce_add_ps(acc) / static_cast<float>(D) + eps);
-  const __m512 vi = _mm512_set1_ps(inv);
-  for (int64_t d = 0; d < D; d += 16) {
-    _mm512_storeu_ps(y + d, _mm512_mul_ps(_mm512_mul_ps(_mm512_loadu_ps(x + d), vi), _mm512_loadu_ps(w + d)));
-  }
+  const float inv = 1.0f / std::sqrt(reduce_add(acc) / static_cast<float>(D) + eps);
+  const vf vi = set1(inv);
+  for (int64_t d = 0; d < D; d += 16) store(y + d, mul(mul(load(x + d), vi), load(w + d)));
 }
 
 // Rotate the interleaved pairs (x[2i], x[2i+1]) of one head by (cos[i], sin[i]), in place.
@@ -152,34 +146,34 @@ inline void rope(float* x, const float* cs, const float* sn, int64_t hd) {
 // One query head over S cached positions (bf16 keys/values, rows of hd): y = softmax(q.k * scale) v.
 void attend_head(const float* q, const uint16_t* kc, const uint16_t* vc, int64_t S, int64_t hd, float scale,
                  float* scores, float* y) {
+  using namespace simd;
   float mx = -std::numeric_limits<float>::infinity();
   for (int64_t s = 0; s < S; ++s) {
     const uint16_t* kr = kc + s * hd;
-    __m512 acc = _mm512_setzero_ps();
-    for (int64_t d = 0; d < hd; d += 16) acc = _mm512_fmadd_ps(_mm512_loadu_ps(q + d), load_bf16(kr + d), acc);
-    scores[s] = _mm512_reduce_add_ps(acc) * scale;
+    vf acc = zero();
+    for (int64_t d = 0; d < hd; d += 16) acc = fmadd(load(q + d), load_bf16(kr + d), acc);
+    scores[s] = reduce_add(acc) * scale;
     mx = std::max(mx, scores[s]);
   }
-  const __m512 vmx = _mm512_set1_ps(mx);
-  __m512 vsum = _mm512_setzero_ps();
+  const vf vmx = set1(mx);
+  vf vsum = zero();
   int64_t s = 0;
   for (; s + 16 <= S; s += 16) {
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_loadu_ps(scores + s), vmx));
-    _mm512_storeu_ps(scores + s, e);
-    vsum = _mm512_add_ps(vsum, e);
+    const vf e = exp16(sub(load(scores + s), vmx));
+    store(scores + s, e);
+    vsum = add(vsum, e);
   }
   if (s < S) {
-    const __mmask16 m = static_cast<__mmask16>((1u << (S - s)) - 1);
-    const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, scores + s), vmx));
-    _mm512_mask_storeu_ps(scores + s, m, e);
-    vsum = _mm512_add_ps(vsum, _mm512_maskz_mov_ps(m, e));
+    const vf e = exp16(sub(load_n(scores + s, S - s), vmx));
+    store_n(scores + s, e, S - s);
+    vsum = add(vsum, keep_n(e, S - s));
   }
-  const float inv = 1.0f / _mm512_reduce_add_ps(vsum);
-  for (int64_t d = 0; d < hd; d += 16) _mm512_storeu_ps(y + d, _mm512_setzero_ps());
+  const float inv = 1.0f / reduce_add(vsum);
+  for (int64_t d = 0; d < hd; d += 16) store(y + d, zero());
   for (int64_t t = 0; t < S; ++t) {
-    const __m512 p = _mm512_set1_ps(scores[t] * inv);
+    const vf p = set1(scores[t] * inv);
     const uint16_t* vr = vc + t * hd;
-    for (int64_t d = 0; d < hd; d += 16) _mm512_storeu_ps(y + d, _mm512_fmadd_ps(p, load_bf16(vr + d), _mm512_loadu_ps(y + d)));
+    for (int64_t d = 0; d < hd; d += 16) store(y + d, fmadd(p, load_bf16(vr + d), load(y + d)));
   }
 }
 
@@ -190,10 +184,10 @@ void top_k(const float* v, int64_t n, int64_t k, int64_t* out) {
   auto cmp = [](const std::pair<float, int64_t>& a, const std::pair<float, int64_t>& b) { return a.first > b.first; };
   float thresh = -std::numeric_limits<float>::infinity();
   for (int64_t i = 0; i < n; i += 16) {
-    const __mmask16 valid = n - i >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n - i)) - 1);
-    const __m512 x = _mm512_maskz_loadu_ps(valid, v + i);
-    uint32_t hits = _mm512_mask_cmp_ps_mask(valid, x, _mm512_set1_ps(thresh), _CMP_GT_OQ);
-    if (static_cast<int64_t>(heap.size()) < k) hits = valid;  // fill the heap first
+    const int64_t left = n - i;
+    uint32_t hits = static_cast<int64_t>(heap.size()) < k  // fill the heap first
+                        ? (left >= 16 ? 0xFFFFu : (1u << left) - 1)
+                        : simd::greater(simd::load_n(v + i, left), thresh, left);
     while (hits) {
       const int j = __builtin_ctz(hits);
       hits &= hits - 1;
@@ -427,11 +421,11 @@ class FusedDecoder : public torch::CustomClassHolder {
         linear_rows(L.w3, n0, n1, a, B, sc.tmp2.data(), F_);
         for (int64_t b = 0; b < B; ++b) {
           for (int64_t n = n0; n < n1; n += 16) {
-            const __mmask16 m = n1 - n >= 16 ? static_cast<__mmask16>(0xFFFF) : static_cast<__mmask16>((1u << (n1 - n)) - 1);
-            const __m512 x1 = _mm512_maskz_loadu_ps(m, sc.tmp.data() + b * F_ + n);
-            const __m512 x3 = _mm512_maskz_loadu_ps(m, sc.tmp2.data() + b * F_ + n);
-            const __m512 sig = _mm512_div_ps(x1, _mm512_add_ps(_mm512_set1_ps(1.0f), exp16(_mm512_sub_ps(_mm512_setzero_ps(), x1))));
-            _mm512_mask_storeu_ps(g_.data() + b * F_ + n, m, _mm512_mul_ps(sig, x3));
+            using namespace simd;
+            const vf x1 = load_n(sc.tmp.data() + b * F_ + n, n1 - n);
+            const vf x3 = load_n(sc.tmp2.data() + b * F_ + n, n1 - n);
+            const vf sig = div(x1, add(set1(1.0f), exp16(sub(zero(), x1))));
+            store_n(g_.data() + b * F_ + n, mul(sig, x3), n1 - n);
           }
         }
 #pragma omp barrier
@@ -455,9 +449,9 @@ class FusedDecoder : public torch::CustomClassHolder {
         const float* x = sc.xn.data() + b * D_;
         for (int64_t j = 0; j < k_; ++j) {
           const uint16_t* r = out_rows_ + top[j] * D_;
-          __m512 acc = _mm512_setzero_ps();
-          for (int64_t d = 0; d < D_; d += 16) acc = _mm512_fmadd_ps(load_bf16(r + d), _mm512_loadu_ps(x + d), acc);
-          lg[b * V_ + top[j]] = _mm512_reduce_add_ps(acc);
+          simd::vf acc = simd::zero();
+          for (int64_t d = 0; d < D_; d += 16) acc = simd::fmadd(simd::load_bf16(r + d), simd::load(x + d), acc);
+          lg[b * V_ + top[j]] = simd::reduce_add(acc);
         }
       }
     }

@@ -1,4 +1,4 @@
-// 4-bit weights x 16-bit integer activations on AVX-512 VNNI: the decode-time matmuls of
+// 4-bit weights x 16-bit integer activations (AVX-512 VNNI or AVX2, see simd.h): the decode-time matmuls of
 // inhouse's Int4Linear and Int8Linear (the kernels themselves are in quant_cpu.h).
 //
 // One pass over the weights serves up to 8 activation rows; output rows are split across
@@ -117,21 +117,22 @@ at::Tensor int8_mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
   return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());
 }
 
-// The (N, K) bf16 matrix of int4 weights, for prompt chunks (where a bf16 matmul wins): each
-// weight computed as code * step + min in fp32 (a product, then a sum, like PyTorch's own ops)
-// and rounded once to bf16.
-at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& steps, const at::Tensor& mins) {
+// The (N, K) matrix of int4 weights, for prompt chunks (where a regular matmul wins): each weight
+// computed as code * step + min in fp32 (a product, then a sum, like PyTorch's own ops), and
+// rounded once to bf16 unless `fp32` (CPUs without bf16 hardware, where fp32 matmuls are faster).
+at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& steps, const at::Tensor& mins, bool fp32) {
   TORCH_CHECK(w.scalar_type() == at::kByte && steps.scalar_type() == at::kHalf && mins.scalar_type() == at::kHalf,
               "int4_dequantize: weights must be uint8 codes with fp16 steps and mins");
   const int64_t N = w.size(0), K = w.size(1) * 2, G = K / kGroup;
   TORCH_CHECK(K % kBlock == 0 && steps.size(0) == N && steps.size(1) == G && mins.sizes() == steps.sizes(),
               "int4_dequantize: shapes do not match");
   const at::Tensor wc = w.contiguous(), sc = steps.contiguous(), mc = mins.contiguous();
-  at::Tensor out = at::empty({N, K}, w.options().dtype(at::kBFloat16));
+  at::Tensor out = at::empty({N, K}, w.options().dtype(fp32 ? at::kFloat : at::kBFloat16));
   const uint8_t* wp = wc.data_ptr<uint8_t>();
   const at::Half* spp = sc.data_ptr<at::Half>();
   const at::Half* mpp = mc.data_ptr<at::Half>();
-  uint16_t* op = reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  uint16_t* op = fp32 ? nullptr : reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
+  float* of = fp32 ? out.data_ptr<float>() : nullptr;
   const __m128i low4 = _mm_set1_epi8(0x0F);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
@@ -141,13 +142,17 @@ at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& steps, const a
         const __m128i h0 = _mm256_castsi256_si128(wb), h1 = _mm256_extracti128_si256(wb, 1);
         const __m128i c0 = (g & 1) ? _mm_and_si128(_mm_srli_epi16(h0, 4), low4) : _mm_and_si128(h0, low4);
         const __m128i c1 = (g & 1) ? _mm_and_si128(_mm_srli_epi16(h1, 4), low4) : _mm_and_si128(h1, low4);
-        const __m512 step = _mm512_set1_ps(static_cast<float>(spp[n * G + g]));
-        const __m512 lo = _mm512_set1_ps(static_cast<float>(mpp[n * G + g]));
-        const __m512 f0 = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c0)), step), lo);
-        const __m512 f1 = _mm512_add_ps(_mm512_mul_ps(_mm512_cvtepi32_ps(_mm512_cvtepu8_epi32(c1)), step), lo);
-        uint16_t* o = op + n * K + g * kGroup;
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(f0)));
-        _mm256_storeu_si256(reinterpret_cast<__m256i*>(o + 16), reinterpret_cast<__m256i>(_mm512_cvtneps_pbh(f1)));
+        const simd::vf step = simd::set1(static_cast<float>(spp[n * G + g]));
+        const simd::vf lo = simd::set1(static_cast<float>(mpp[n * G + g]));
+        const simd::vf f0 = simd::add(simd::mul(simd::to_float(simd::u8_to_i32(c0)), step), lo);
+        const simd::vf f1 = simd::add(simd::mul(simd::to_float(simd::u8_to_i32(c1)), step), lo);
+        if (fp32) {
+          simd::store(of + n * K + g * kGroup, f0);
+          simd::store(of + n * K + g * kGroup + 16, f1);
+        } else {
+          simd::store_bf16(op + n * K + g * kGroup, f0);
+          simd::store_bf16(op + n * K + g * kGroup + 16, f1);
+        }
       }
     }
   });
@@ -159,7 +164,7 @@ at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& steps, const a
 TORCH_LIBRARY(inhouse, m) {
   m.def("int4_mm(Tensor x, Tensor w, Tensor steps, Tensor mins) -> Tensor");
   m.def("int8_mm(Tensor x, Tensor w, Tensor row_scales) -> Tensor");
-  m.def("int4_dequantize(Tensor w, Tensor steps, Tensor mins) -> Tensor");
+  m.def("int4_dequantize(Tensor w, Tensor steps, Tensor mins, bool fp32=False) -> Tensor");
 }
 
 TORCH_LIBRARY_IMPL(inhouse, CPU, m) {

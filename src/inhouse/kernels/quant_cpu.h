@@ -1,4 +1,4 @@
-// Shared pieces of inhouse's native CPU kernels (AVX-512 VNNI): activation quantization and the
+// Shared pieces of inhouse's native CPU kernels (AVX-512 VNNI or AVX2, see simd.h): activation quantization and the
 // int4/int8 row kernels. Included by quant_cpu.cpp (the per-matmul ops) and decode_cpu.cpp (the
 // whole decode step in one call).
 //
@@ -17,7 +17,7 @@
 #pragma once
 
 #include <ATen/ATen.h>
-#include <immintrin.h>
+#include "simd.h"
 
 #include <algorithm>
 #include <cmath>
@@ -37,18 +37,16 @@ constexpr int64_t kPrefetch = INHOUSE_PREFETCH;  // bytes ahead of the weight ro
 // Quantize one activation row: xq (K) int16 with one scale per group of 32 (xs, G) and the
 // exact group sums (xsum, G padded to 16 with zeros).
 inline void quantize_row(const float* x, int64_t K, int16_t* xq, float* xs, float* xsum) {
+  using namespace simd;
   const int64_t G = K / kGroup;
   for (int64_t g = 0; g < G; ++g) {
     const float* xg = x + g * kGroup;
-    __m512 a = _mm512_loadu_ps(xg), b = _mm512_loadu_ps(xg + 16);
-    float amax = _mm512_reduce_max_ps(_mm512_max_ps(_mm512_abs_ps(a), _mm512_abs_ps(b)));
-    xsum[g] = _mm512_reduce_add_ps(_mm512_add_ps(a, b));
+    const vf a = load(xg), b = load(xg + 16);
+    const float amax = reduce_max(max(abs(a), abs(b)));
+    xsum[g] = reduce_add(add(a, b));
     xs[g] = amax / 32767.0f;
-    __m512 vinv = _mm512_set1_ps(amax > 0.0f ? 32767.0f / amax : 0.0f);
-    __m512i qa = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(a, vinv), _MM_FROUND_TO_NEAREST_INT));
-    __m512i qb = _mm512_cvtps_epi32(_mm512_roundscale_ps(_mm512_mul_ps(b, vinv), _MM_FROUND_TO_NEAREST_INT));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + g * kGroup), _mm512_cvtsepi32_epi16(qa));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(xq + g * kGroup + 16), _mm512_cvtsepi32_epi16(qb));
+    const vf vinv = set1(amax > 0.0f ? 32767.0f / amax : 0.0f);
+    store_group(xq + g * kGroup, to_int(round(mul(a, vinv))), to_int(round(mul(b, vinv))));
   }
 }
 
@@ -56,60 +54,64 @@ template <int R>
 void rows_times_int4(int64_t n0, int64_t n1, int64_t K, const uint8_t* w, const at::Half* steps,
                         const at::Half* mins, const int16_t* xq, const float* xs, const float* xsum,
                         int64_t G16, float* out, int64_t ldo) {
+  using namespace simd;
   const int64_t G = K / kGroup, nb = K / kBlock;
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
   float scale[R][kMaxGroups];  // step[n, g] * xs[r, g]
   for (int64_t n = n0; n < n1; ++n) {
     const uint8_t* wr = w + n * (K / 2);
     const uint16_t* sr = reinterpret_cast<const uint16_t*>(steps + n * G);
     const uint16_t* mr = reinterpret_cast<const uint16_t*>(mins + n * G);
-    __m512 acc[R], macc[R];
-    for (int r = 0; r < R; ++r) acc[r] = macc[r] = _mm512_setzero_ps();
+    // two accumulators per row (even and odd groups): a single one would make every block wait for
+    // the previous block's fused multiply-add (its latency, not the loads, would set the speed)
+    vacc acc[R], acc2[R];
+    vf macc[R];
+    for (int r = 0; r < R; ++r) {
+      acc[r] = acc2[r] = acc_zero();
+      macc[r] = zero();
+    }
     for (int64_t g = 0; g < G; g += 16) {
-      const int64_t left = G - g;
-      const __mmask16 mask = left >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << left) - 1);
-      const __m512 sv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, sr + g));
-      const __m512 mv = _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(mask, mr + g));
+      const vf sv = load_half_n(sr + g, G - g);
+      const vf mv = load_half_n(mr + g, G - g);
       for (int r = 0; r < R; ++r) {
-        _mm512_storeu_ps(scale[r] + g, _mm512_mul_ps(sv, _mm512_maskz_loadu_ps(mask, xs + r * G16 + g)));
-        macc[r] = _mm512_fmadd_ps(mv, _mm512_loadu_ps(xsum + r * G16 + g), macc[r]);  // the mins term
+        store(scale[r] + g, mul(sv, load_n(xs + r * G16 + g, G - g)));
+        macc[r] = fmadd(mv, load(xsum + r * G16 + g), macc[r]);  // the mins term
       }
     }
     for (int64_t b = 0; b < nb; ++b) {
       // the weights are read once per token from memory, not cache: ask for them well ahead
       _mm_prefetch(reinterpret_cast<const char*>(wr + b * 32 + kPrefetch), _MM_HINT_T0);
       const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * 32));
-      const __m512i wlo = _mm512_cvtepu8_epi16(_mm256_and_si256(wb, low4));                        // group 2b
-      const __m512i whi = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(wb, 4), low4));  // 2b+1
+      vw wlo, whi;  // groups 2b and 2b+1
+      int4_groups(wb, wlo, whi);
       for (int r = 0; r < R; ++r) {
         const int16_t* xr = xq + r * K + b * kBlock;
-        const __m512i da = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wlo, _mm512_loadu_si512(xr));
-        const __m512i db = _mm512_dpwssd_epi32(_mm512_setzero_si512(), whi, _mm512_loadu_si512(xr + 32));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(da), _mm512_set1_ps(scale[r][2 * b]), acc[r]);
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(db), _mm512_set1_ps(scale[r][2 * b + 1]), acc[r]);
+        acc[r] = acc_group(acc[r], wlo, xr, scale[r][2 * b]);
+        acc2[r] = acc_group(acc2[r], whi, xr + 32, scale[r][2 * b + 1]);
       }
     }
-    for (int r = 0; r < R; ++r) out[r * ldo + n] = _mm512_reduce_add_ps(acc[r]) + _mm512_reduce_add_ps(macc[r]);
+    for (int r = 0; r < R; ++r) out[r * ldo + n] = acc_sum(acc_add(acc[r], acc2[r])) + reduce_add(macc[r]);
   }
 }
 
 template <int R>
 void rows_times_int8(int64_t n0, int64_t n1, int64_t K, const int8_t* w, const float* row_scales,
                      const int16_t* xq, const float* xs, int64_t G16, float* out, int64_t ldo) {
+  using namespace simd;
   const int64_t G = K / kGroup;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* wr = w + n * K;
-    __m512 acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = _mm512_setzero_ps();
-    for (int64_t g = 0; g < G; ++g) {
+    vacc acc[R], acc2[R];  // even and odd groups (see rows_times_int4)
+    for (int r = 0; r < R; ++r) acc[r] = acc2[r] = acc_zero();
+    for (int64_t g = 0; g < G; g += 2) {  // G is even (K % 64 == 0)
       _mm_prefetch(reinterpret_cast<const char*>(wr + g * kGroup + kPrefetch), _MM_HINT_T0);
-      const __m512i wv = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + g * kGroup)));
+      const vw w0 = int8_group(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + g * kGroup)));
+      const vw w1 = int8_group(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + (g + 1) * kGroup)));
       for (int r = 0; r < R; ++r) {
-        const __m512i d = _mm512_dpwssd_epi32(_mm512_setzero_si512(), wv, _mm512_loadu_si512(xq + r * K + g * kGroup));
-        acc[r] = _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), _mm512_set1_ps(xs[r * G16 + g]), acc[r]);
+        acc[r] = acc_group(acc[r], w0, xq + r * K + g * kGroup, xs[r * G16 + g]);
+        acc2[r] = acc_group(acc2[r], w1, xq + r * K + (g + 1) * kGroup, xs[r * G16 + g + 1]);
       }
     }
-    for (int r = 0; r < R; ++r) out[r * ldo + n] = _mm512_reduce_add_ps(acc[r]) * row_scales[n];
+    for (int r = 0; r < R; ++r) out[r * ldo + n] = acc_sum(acc_add(acc[r], acc2[r])) * row_scales[n];
   }
 }
 

@@ -10,7 +10,7 @@ recomputed from the bf16 rows. Prompt chunks still run the eager model (large ma
 PyTorch is as fast).
 
 It applies to models whose linears are all the native `Int4Linear`/`Int8Linear` and whose output
-is a `RescoredOutput` (the default for GGUF files on CPUs with AVX-512 VNNI, and ``quantize``
+is a `RescoredOutput` (the default for GGUF files on CPUs with AVX-512 VNNI or AVX2, and ``quantize``
 int4/int8 there); `fused_decode_unsupported` says why another model cannot use it. When a layer
 is swapped afterwards (LoRA adapters), calls go to the fallback (the eager or compiled model).
 """

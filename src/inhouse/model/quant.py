@@ -10,9 +10,10 @@ by the bytes of the weights. Two layouts:
 
 Each runs on one of two kernels, chosen when the module is built:
 
-* native (`inhouse.kernels`, CPUs with AVX-512 VNNI): activations quantized to int16 per group of
-  32 (finer than bf16), VNNI integer dot products, weights prefetched well ahead; about 30 GB/s
-  of weights read on a 2-core machine, where PyTorch's int4 kernel reaches ~10-19 GB/s.
+* native (`inhouse.kernels`, x86-64 CPUs with AVX-512 VNNI or AVX2): activations quantized to
+  int16 per group of 32 (finer than bf16), integer dot products (VNNI, or AVX2's multiply-add of
+  int16 pairs), weights prefetched well ahead; about 30 GB/s of weights read on a 2-core machine,
+  where PyTorch's int4 kernel reaches ~10-19 GB/s.
 * PyTorch's (``torch._weight_int4pack_mm_for_cpu``, ``torch._weight_int8pack_mm``) with bf16
   activations, everywhere else.
 
@@ -27,7 +28,8 @@ exact the weights are; with it and the native kernel, 98.8-99.6% agree (tests/mo
 Per-row results do not depend on how many rows are in the batch (the kernels compute each row
 alone, checked in tests/model/test_quant.py and tests/model/test_native_kernels.py), as long as a
 call has at most `SMALL_BATCH` rows; larger calls (prompt chunks) dequantize the matrix to bf16
-and use a regular matmul, which is several times faster there.
+(fp32 on CPUs without bf16 hardware, `chunk_dtype`) and use a regular matmul, which is several
+times faster there.
 """
 
 from __future__ import annotations
@@ -43,7 +45,24 @@ logger = logging.getLogger("inhouse.model")
 
 QUANTIZE_MODES = ("none", "int8", "int4")
 INT4_GROUP = 32  # input columns per scale/zero: a GGUF Q4 block
-SMALL_BATCH = 64  # rows at or under which the int8 kernel runs; above, dequantize + bf16 matmul
+SMALL_BATCH = 64  # rows at or under which the int8 kernel runs; above, dequantize + a regular matmul
+_chunk_dtype: Optional[torch.dtype] = None
+
+
+def chunk_dtype() -> torch.dtype:
+    """The dtype of the matmuls of calls over `SMALL_BATCH` rows (prompt chunks): bf16 where the CPU
+    has bf16 hardware (AVX512-BF16, AMX) or on a GPU, fp32 on the others, where PyTorch emulates bf16
+    about 6x slower (and fp32 is the more exact of the two)."""
+    global _chunk_dtype
+    if _chunk_dtype is None:
+        from inhouse.kernels import cpu_has_fast_bf16
+
+        _chunk_dtype = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
+    return _chunk_dtype
+
+
+def _chunk_dtype_for(x: torch.Tensor) -> torch.dtype:
+    return chunk_dtype() if x.device.type == "cpu" else torch.bfloat16
 
 
 class QuantizeError(ValueError):
@@ -73,10 +92,11 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Linear(nn.Module):
     """``y = x @ (q * scale).T`` with int8 `q` (N, K) and one `scale` per output row (N,); no bias.
 
-    With the native kernel (``native``: AVX-512 VNNI, K a multiple of 64) the scales are fp32 and
+    With the native kernel (``native``: AVX-512 VNNI or AVX2, K a multiple of 64) the scales are fp32 and
     calls of up to `SMALL_BATCH` rows run ``torch.ops.inhouse.int8_mm`` (activations as int16
     per group of 32); otherwise they are bf16 for ``torch._weight_int8pack_mm`` (bf16
-    activations). Larger calls dequantize to bf16 and use a regular matmul.
+    activations). Larger calls dequantize to `chunk_dtype` (bf16, or fp32 on CPUs without bf16
+    hardware) and use a regular matmul.
 
     Args:
         in_features: K.
@@ -112,11 +132,11 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         if x2.shape[0] <= SMALL_BATCH and self.native:
             return torch.ops.inhouse.int8_mm(x2, self.weight_int8, self.scales).view(*shape[:-1], self.out_features)
-        x2 = x2.to(torch.bfloat16)
         if x2.shape[0] <= SMALL_BATCH:
-            y = torch._weight_int8pack_mm(x2, self.weight_int8, self.scales)  # (M, N)
-        else:
-            y = F.linear(x2, self.dequantized(torch.bfloat16))  # prompt chunks: compute-bound
+            y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8, self.scales)  # (M, N)
+        else:  # prompt chunks: compute-bound
+            dt = _chunk_dtype_for(x2)
+            y = F.linear(x2.to(dt), self.dequantized(dt))
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -124,37 +144,46 @@ class Int8Linear(nn.Module):
         return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only, {kernel} kernel"
 
 
-INT4PACK_BLOCK_N = 64  # output rows per block of PyTorch's AVX-512 int4 packed layout
-_layout_known: Optional[bool] = None
+INT4PACK_BLOCKS_N = (64, 32)  # output rows per block of PyTorch's int4 packed layout: its AVX-512 and AVX2 kernels
+_block_n: Optional[int] = None  # the one this PyTorch build uses here; 0: neither
 
 
-def unpack_int4pack(packed: torch.Tensor, n: int, k: int) -> torch.Tensor:
+def unpack_int4pack(packed: torch.Tensor, n: int, k: int, block_n: Optional[int] = None) -> torch.Tensor:
     """The (N, K) codes held by ``torch._convert_weight_to_int4pack_for_cpu(codes, 1)``.
 
-    That layout (PyTorch's AVX-512 kernel) stores blocks of 64 output rows, each as K rows of
-    32 bytes: byte j of row k holds ``codes[64b + j, k]`` in its low nibble and
-    ``codes[64b + 32 + j, k]`` in its high nibble. `int4pack_layout_is_known` checks it.
+    That layout (PyTorch's CPU kernel) stores blocks of `block_n` output rows (64 where PyTorch
+    runs its AVX-512 kernel, 32 with AVX2), each as K rows of block_n/2 bytes: byte j of row k holds
+    ``codes[block_n*b + j, k]`` in its low nibble and ``codes[block_n*b + block_n/2 + j, k]`` in its
+    high nibble. `int4pack_block_n` says which block size this build uses (default).
     """
-    p = packed.reshape(n // INT4PACK_BLOCK_N, k, INT4PACK_BLOCK_N // 2)  # (N/64, K, 32)
-    lo, hi = (p & 15).transpose(1, 2), (p >> 4).transpose(1, 2)  # (N/64, 32, K) each
-    return torch.cat((lo, hi), dim=1).reshape(n, k)  # rows 64b..64b+31 then 64b+32..64b+63
+    block_n = block_n or int4pack_block_n()
+    if not block_n:
+        raise QuantizeError("PyTorch's int4 packed layout is not a known one here")
+    p = packed.reshape(n // block_n, k, block_n // 2)  # (N/bn, K, bn/2)
+    lo, hi = (p & 15).transpose(1, 2), (p >> 4).transpose(1, 2)  # (N/bn, bn/2, K) each
+    return torch.cat((lo, hi), dim=1).reshape(n, k)  # rows bn*b..bn*b+bn/2-1 then the next bn/2
 
 
-def int4pack_layout_is_known() -> bool:
-    """Whether `unpack_int4pack` reads this PyTorch build's packed layout (checked once)."""
-    global _layout_known
-    if _layout_known is None:
-        codes = torch.randint(0, 16, (2 * INT4PACK_BLOCK_N, 64), generator=torch.Generator().manual_seed(0),
+def int4pack_block_n() -> int:
+    """The block size (64 or 32 rows) with which `unpack_int4pack` reads this PyTorch build's packed
+    layout here, or 0 when it is neither (checked once)."""
+    global _block_n
+    if _block_n is None:
+        _block_n = 0
+        codes = torch.randint(0, 16, (2 * max(INT4PACK_BLOCKS_N), 64), generator=torch.Generator().manual_seed(0),
                               dtype=torch.int32)
         try:
             packed = torch._convert_weight_to_int4pack_for_cpu(codes, 1)
-            _layout_known = packed.numel() == codes.numel() // 2 and torch.equal(
-                unpack_int4pack(packed, *codes.shape).to(torch.int32), codes)
         except (RuntimeError, ValueError):
-            _layout_known = False
-        if not _layout_known:
+            packed = None
+        if packed is not None and packed.numel() == codes.numel() // 2:
+            for bn in INT4PACK_BLOCKS_N:
+                if torch.equal(unpack_int4pack(packed, *codes.shape, block_n=bn).to(torch.int32), codes):
+                    _block_n = bn
+                    break
+        if not _block_n:
             logger.info("int4 packed layout not recognised: keeping a second copy of the 4-bit codes")
-    return _layout_known
+    return _block_n
 
 
 class Int4Linear(nn.Module):
@@ -162,11 +191,11 @@ class Int4Linear(nn.Module):
 
     Two storage layouts, chosen when the module is built (``native``):
 
-    * native (`inhouse.kernels`, CPUs with AVX-512 VNNI, K a multiple of 64): ``weight_q4``
+    * native (`inhouse.kernels`, CPUs with AVX-512 VNNI or AVX2, K a multiple of 64): ``weight_q4``
       (N, K/2) uint8 in the kernel's block layout, ``steps`` and ``mins`` (N, K/32) fp16 — GGUF
       stores Q4_1's scale and minimum in fp16, so these are the file's weights exactly. Calls of
       up to `SMALL_BATCH` rows run ``torch.ops.inhouse.int4_mm``: the activations are quantized
-      to int8 per group of 32 and multiplied with VNNI dot products, reading the weights at close
+      to int16 per group of 32 and multiplied with integer dot products, reading the weights at close
       to memory bandwidth.
     * PyTorch's: ``weight_int4pack`` (``torch._weight_int4pack_mm_for_cpu``'s packed layout),
       ``scales_and_zeros`` (K/32, N, 2) bf16 for that kernel, and ``steps_and_mins`` (K/32, N, 2)
@@ -174,8 +203,8 @@ class Int4Linear(nn.Module):
       (`unpack_int4pack`, checked against PyTorch at first use); where that layout is not the
       known one, a second copy, ``weight_nibbles`` (N, K/2) uint8, is kept.
 
-    Larger calls (prompt chunks) dequantize the matrix in fp32, round it once to bf16 and use a
-    regular matmul.
+    Larger calls (prompt chunks) dequantize the matrix in fp32, round it once to `chunk_dtype`
+    (bf16; kept fp32 on CPUs without bf16 hardware) and use a regular matmul.
 
     Args:
         in_features: K (a multiple of 32).
@@ -220,7 +249,8 @@ class Int4Linear(nn.Module):
             torch.bfloat16)  # (G, N, 2)
         m.steps_and_mins = torch.stack((step, lo), dim=-1).squeeze(2).transpose(0, 1).contiguous().to(torch.float16)
         m.weight_int4pack = torch._convert_weight_to_int4pack_for_cpu(codes.to(torch.int32), 1)
-        if n % INT4PACK_BLOCK_N or not int4pack_layout_is_known():
+        block_n = int4pack_block_n()
+        if not block_n or n % block_n:
             m.weight_nibbles = codes[:, 0::2] | (codes[:, 1::2] << 4)  # (N, K/2)
         else:
             m.weight_nibbles = torch.zeros(0, dtype=torch.uint8)  # read the codes from weight_int4pack
@@ -253,17 +283,19 @@ class Int4Linear(nn.Module):
         if self.native:
             if x2.shape[0] <= SMALL_BATCH:
                 y = torch.ops.inhouse.int4_mm(x2, self.weight_q4, self.steps, self.mins)  # in x's dtype
-            else:  # prompt chunks: the matrix in bf16 (rounded once from fp32), a bf16 matmul
-                w = torch.ops.inhouse.int4_dequantize(self.weight_q4, self.steps, self.mins)
-                y = F.linear(x2.to(torch.bfloat16), w).to(x.dtype)
+            else:  # prompt chunks: the matrix in bf16 (rounded once from fp32) or fp32, a regular matmul
+                dt = _chunk_dtype_for(x2)
+                w = torch.ops.inhouse.int4_dequantize(self.weight_q4, self.steps, self.mins, dt == torch.float32)
+                y = F.linear(x2.to(dt), w).to(x.dtype)
             return y.view(*shape[:-1], self.out_features)
-        x2 = x2.to(torch.bfloat16)
         if x2.shape[0] <= SMALL_BATCH:
-            y = torch._weight_int4pack_mm_for_cpu(x2, self.weight_int4pack, INT4_GROUP, self.scales_and_zeros)
+            y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.weight_int4pack, INT4_GROUP,
+                                                  self.scales_and_zeros)
         else:
-            # prompt chunks: compute-bound. Dequantize in fp32 and round once (bf16 arithmetic
-            # on the codes would add its own rounding to every weight).
-            y = F.linear(x2, self.dequantized(torch.float32).to(torch.bfloat16))
+            # prompt chunks: compute-bound. Dequantize in fp32 and round once, if at all (bf16
+            # arithmetic on the codes would add its own rounding to every weight).
+            dt = _chunk_dtype_for(x2)
+            y = F.linear(x2.to(dt), self.dequantized(torch.float32).to(dt))
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
     def extra_repr(self) -> str:
@@ -277,7 +309,7 @@ def _native_choice(native: Optional[bool], in_features: int) -> bool:
         return native_kernel_fits(in_features)
     if native and not native_kernel_fits(in_features):
         raise QuantizeError(f"the native kernel cannot take this matrix here ({in_features} columns; it needs a "
-                            "multiple of 64 and a CPU with AVX-512 VNNI, see inhouse.kernels)")
+                            "multiple of 64 and an x86-64 CPU with AVX-512 VNNI or AVX2, see inhouse.kernels)")
     return native
 
 
