@@ -32,6 +32,7 @@ import torch
 from inhouse.engine import sampling
 from inhouse.engine.outputs import CompletionOutput, Logprob, RequestOutput
 from inhouse.engine.params import SamplingParams
+from inhouse.model.arena import move_to_huge_pages
 from inhouse.model.fused_decode import FusedDecode, fused_decode_unsupported
 from inhouse.model.transformer import Transformer
 from inhouse.tokenizer.base import Tokenizer
@@ -150,8 +151,10 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._free_slots = list(range(max_num_seqs))
         self._last_sampling: Optional[tuple[list[SamplingParams], sampling.SamplingTensors]] = None
-        self.caches = model.new_caches(max_num_seqs, min(max_model_len, 256))
         self.device = model.tok_embeddings.weight.device
+        if self.device.type == "cpu":  # decode steps stream every weight: fewer TLB misses (see arena.py)
+            move_to_huge_pages(model)
+        self.caches = model.new_caches(max_num_seqs, min(max_model_len, 256))
         self.adapters = adapters
         self._compiled = None
         if compile:

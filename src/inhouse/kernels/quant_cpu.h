@@ -28,7 +28,7 @@ namespace inhouse_kernels {
 constexpr int64_t kGroup = 32;
 constexpr int64_t kBlock = 64;  // columns per 32-byte block: two groups
 constexpr int64_t kMaxGroups = 2048;  // K up to 65536
-constexpr int64_t kTileRows = 8;  // activation rows served by one pass over the weights
+using simd::kTileRows;  // activation rows served by one pass over the weights
 #ifndef INHOUSE_PREFETCH
 #define INHOUSE_PREFETCH 4096
 #endif
@@ -61,12 +61,10 @@ void rows_times_int4(int64_t n0, int64_t n1, int64_t K, const uint8_t* w, const 
     const uint8_t* wr = w + n * (K / 2);
     const uint16_t* sr = reinterpret_cast<const uint16_t*>(steps + n * G);
     const uint16_t* mr = reinterpret_cast<const uint16_t*>(mins + n * G);
-    // two accumulators per row (even and odd groups): a single one would make every block wait for
-    // the previous block's fused multiply-add (its latency, not the loads, would set the speed)
-    vacc acc[R], acc2[R];
+    vacc acc[R];
     vf macc[R];
     for (int r = 0; r < R; ++r) {
-      acc[r] = acc2[r] = acc_zero();
+      acc[r] = acc_zero();
       macc[r] = zero();
     }
     for (int64_t g = 0; g < G; g += 16) {
@@ -77,19 +75,21 @@ void rows_times_int4(int64_t n0, int64_t n1, int64_t K, const uint8_t* w, const 
         macc[r] = fmadd(mv, load(xsum + r * G16 + g), macc[r]);  // the mins term
       }
     }
-    for (int64_t b = 0; b < nb; ++b) {
+    int64_t b = 0;
+    for (; b + 2 <= nb; b += 2) {  // two blocks (64 bytes, four groups) at a time
       // the weights are read once per token from memory, not cache: ask for them well ahead
       _mm_prefetch(reinterpret_cast<const char*>(wr + b * 32 + kPrefetch), _MM_HINT_T0);
-      const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * 32));
-      vw wlo, whi;  // groups 2b and 2b+1
-      int4_groups(wb, wlo, whi);
-      for (int r = 0; r < R; ++r) {
-        const int16_t* xr = xq + r * K + b * kBlock;
-        acc[r] = acc_group(acc[r], wlo, xr, scale[r][2 * b]);
-        acc2[r] = acc_group(acc2[r], whi, xr + 32, scale[r][2 * b + 1]);
-      }
+      vw g0, g1, g2, g3;
+      int4_groups(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * 32)), g0, g1);
+      int4_groups(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * 32 + 32)), g2, g3);
+      for (int r = 0; r < R; ++r) acc[r] = acc_quad(acc[r], g0, g1, g2, g3, xq + r * K + b * kBlock, scale[r] + 2 * b);
     }
-    for (int r = 0; r < R; ++r) out[r * ldo + n] = acc_sum(acc_add(acc[r], acc2[r])) + reduce_add(macc[r]);
+    if (b < nb) {  // an odd number of blocks: the last one
+      vw g0, g1;
+      int4_groups(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * 32)), g0, g1);
+      for (int r = 0; r < R; ++r) acc[r] = acc_pair(acc[r], g0, g1, xq + r * K + b * kBlock, scale[r] + 2 * b);
+    }
+    for (int r = 0; r < R; ++r) out[r * ldo + n] = acc_sum(acc[r]) + reduce_add(macc[r]);
   }
 }
 
@@ -100,18 +100,21 @@ void rows_times_int8(int64_t n0, int64_t n1, int64_t K, const int8_t* w, const f
   const int64_t G = K / kGroup;
   for (int64_t n = n0; n < n1; ++n) {
     const int8_t* wr = w + n * K;
-    vacc acc[R], acc2[R];  // even and odd groups (see rows_times_int4)
-    for (int r = 0; r < R; ++r) acc[r] = acc2[r] = acc_zero();
-    for (int64_t g = 0; g < G; g += 2) {  // G is even (K % 64 == 0)
+    vacc acc[R];
+    for (int r = 0; r < R; ++r) acc[r] = acc_zero();
+    auto group = [&](int64_t g) { return int8_group(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + g * kGroup))); };
+    int64_t g = 0;
+    for (; g + 4 <= G; g += 4) {  // four groups (128 bytes) at a time
       _mm_prefetch(reinterpret_cast<const char*>(wr + g * kGroup + kPrefetch), _MM_HINT_T0);
-      const vw w0 = int8_group(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + g * kGroup)));
-      const vw w1 = int8_group(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + (g + 1) * kGroup)));
-      for (int r = 0; r < R; ++r) {
-        acc[r] = acc_group(acc[r], w0, xq + r * K + g * kGroup, xs[r * G16 + g]);
-        acc2[r] = acc_group(acc2[r], w1, xq + r * K + (g + 1) * kGroup, xs[r * G16 + g + 1]);
-      }
+      _mm_prefetch(reinterpret_cast<const char*>(wr + g * kGroup + 64 + kPrefetch), _MM_HINT_T0);
+      const vw g0 = group(g), g1 = group(g + 1), g2 = group(g + 2), g3 = group(g + 3);
+      for (int r = 0; r < R; ++r) acc[r] = acc_quad(acc[r], g0, g1, g2, g3, xq + r * K + g * kGroup, xs + r * G16 + g);
     }
-    for (int r = 0; r < R; ++r) out[r * ldo + n] = acc_sum(acc_add(acc[r], acc2[r])) * row_scales[n];
+    if (g < G) {  // two groups left (G is even: K % 64 == 0)
+      const vw g0 = group(g), g1 = group(g + 1);
+      for (int r = 0; r < R; ++r) acc[r] = acc_pair(acc[r], g0, g1, xq + r * K + g * kGroup, xs + r * G16 + g);
+    }
+    for (int r = 0; r < R; ++r) out[r * ldo + n] = acc_sum(acc[r]) * row_scales[n];
   }
 }
 
