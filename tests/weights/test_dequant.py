@@ -165,3 +165,24 @@ def test_errors():
         dequantize(raw, 2, 64)
     with pytest.raises(ValueError, match="1-D uint8"):
         dequantize(raw.view(np.int8), 2, 32)
+
+
+@pytest.mark.parametrize("qtype", [Q.Q4_0, Q.Q4_1], ids=lambda t: t.name)
+def test_q4_codes_are_the_dequantized_values_exactly(qtype):
+    """A 4-bit GGUF matrix handed to Int4Linear as its codes: code * step + min is gguf's value exactly
+    (equal as numbers: Q4_0's zero, 8 * d - 8 * d, is +0 where gguf's (8 - 8) * d may be -0)."""
+    from inhouse.kernels import native_kernels_available
+    from inhouse.model.quant import Int4Codes, Int4Linear
+    from inhouse.weights.quants import q4_codes
+
+    rows, cols = 32, 128  # PyTorch's int4 layout needs rows in multiples of 16
+    raw = _random_blocks(qtype, rows * cols // 32, seed=int(qtype) + 7)
+    ref = torch.from_numpy(np.asarray(gguf_dequantize(raw, qtype), dtype=np.float32)).view(rows, cols)
+    codes, steps, mins = q4_codes(raw, int(qtype), rows, cols)
+    assert codes.dtype == torch.uint8 and int(codes.max()) <= 15 and steps.dtype == mins.dtype == torch.float16
+    assert torch.equal(Int4Codes(codes, steps, mins).dense(), ref)
+    for native in (False, True) if native_kernels_available() else (False,):
+        lin = Int4Linear.from_codes(Int4Codes(codes, steps, mins), native=native)
+        assert torch.equal(lin.dequantized(torch.float32), ref), native
+    with pytest.raises(ValueError, match="do not match"):
+        q4_codes(raw[:-1], int(qtype), rows, cols)

@@ -35,7 +35,7 @@ times faster there.
 from __future__ import annotations
 
 import logging
-from typing import Optional
+from typing import Optional, Union
 
 import torch
 import torch.nn.functional as F
@@ -186,6 +186,39 @@ def int4pack_block_n() -> int:
     return _block_n
 
 
+class Int4Codes:
+    """A 4-bit matrix as codes, not values: ``w[n, k] = codes[n, k] * steps[n, k // 32] + mins[n, k // 32]``.
+
+    What a loader hands `quantize_tensor` for a GGUF Q4_0/Q4_1 matrix, so that it becomes an
+    `Int4Linear` without being expanded to fp32 and quantized again (exact, and several times
+    faster to load).
+
+    Args:
+        codes: (N, K) uint8, values 0..15.
+        steps, mins: (N, K/32), any float dtype (fp16 from GGUF).
+    """
+
+    def __init__(self, codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor):
+        n, k = codes.shape
+        if k % INT4_GROUP or steps.shape != (n, k // INT4_GROUP) or mins.shape != steps.shape:
+            raise QuantizeError(f"Int4Codes: codes {tuple(codes.shape)} need steps and mins of shape "
+                                f"({n}, {k // INT4_GROUP}), got {tuple(steps.shape)} and {tuple(mins.shape)}")
+        self.codes, self.steps, self.mins = codes, steps, mins
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def numel(self) -> int:
+        return self.codes.numel()
+
+    def dense(self) -> torch.Tensor:
+        """The (N, K) fp32 values (each ``code * step + min`` in fp32, as ggml's dequantization)."""
+        n, k = self.codes.shape
+        w = self.codes.view(n, -1, INT4_GROUP).float() * self.steps.float()[..., None] + self.mins.float()[..., None]
+        return w.view(n, k)
+
+
 class Int4Linear(nn.Module):
     """4-bit weights in groups of `INT4_GROUP` input columns: ``w = code * step + min``.
 
@@ -234,16 +267,25 @@ class Int4Linear(nn.Module):
     def from_weight(cls, weight: torch.Tensor, native: Optional[bool] = None) -> "Int4Linear":
         """Quantize an (N, K) matrix: per group of 32, codes 0..15 spanning [min, max]."""
         n, k = weight.shape
-        m = cls(k, n, device=torch.device("meta"), native=native)
         w = weight.float().view(n, k // INT4_GROUP, INT4_GROUP)  # (N, G, 32)
-        lo, hi = w.amin(-1, keepdim=True), w.amax(-1, keepdim=True)  # (N, G, 1)
+        lo, hi = w.amin(-1), w.amax(-1)  # (N, G)
         step = ((hi - lo) / 15).clamp(min=1e-12)
-        codes = torch.round((w - lo) / step).clamp_(0, 15).to(torch.uint8).view(n, k)  # (N, K)
+        codes = torch.round((w - lo[..., None]) / step[..., None]).clamp_(0, 15).to(torch.uint8).view(n, k)  # (N, K)
+        return cls.from_codes(Int4Codes(codes, step, lo), native=native)
+
+    @classmethod
+    def from_codes(cls, q: "Int4Codes", native: Optional[bool] = None) -> "Int4Linear":
+        """The matrix ``q.codes * q.steps + q.mins`` (per group of 32), taken as it is: a GGUF
+        Q4_0/Q4_1 matrix keeps the file's own codes, steps and minimums, with no requantization."""
+        n, k = q.shape
+        m = cls(k, n, device=torch.device("meta"), native=native)
+        codes = q.codes
         if m.native:
             c = codes.view(n, k // 64, 2, 32)  # per block of 64: columns 0..31 low nibbles, 32..63 high
             m.weight_q4 = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
-            m.steps, m.mins = step.squeeze(2).to(torch.float16), lo.squeeze(2).to(torch.float16)
+            m.steps, m.mins = q.steps.to(torch.float16).contiguous(), q.mins.to(torch.float16).contiguous()
             return m
+        step, lo = q.steps.float()[..., None], q.mins.float()[..., None]  # (N, G, 1)
         zero = lo + 8 * step  # PyTorch's kernel computes (code - 8) * scale + zero
         m.scales_and_zeros = torch.stack((step, zero), dim=-1).squeeze(2).transpose(0, 1).contiguous().to(
             torch.bfloat16)  # (G, N, 2)
@@ -374,7 +416,7 @@ def _set(model: nn.Module, path: str, value) -> None:
 
 
 @torch.no_grad()
-def quantize_tensor(model: nn.Module, name: str, value: torch.Tensor, mode: str,
+def quantize_tensor(model: nn.Module, name: str, value: Union[torch.Tensor, Int4Codes], mode: str,
                     dtype: Optional[torch.dtype] = torch.bfloat16) -> None:
     """Put one parameter of `model`, given at full precision, in place in its quantized form.
 
@@ -391,7 +433,8 @@ def quantize_tensor(model: nn.Module, name: str, value: torch.Tensor, mode: str,
     Args:
         model: the model (parameters may still be on the meta device).
         name: the parameter's name in Meta's naming (``layers.0.attention.wq.weight``).
-        value: the full-precision tensor (fp32 keeps GGUF 4-bit grids exact).
+        value: the full-precision tensor (fp32 keeps GGUF 4-bit grids exact), or a 4-bit matrix as
+            `Int4Codes` (in int4 mode a linear's weight is taken as it is; otherwise it is expanded).
         mode: "int8" or "int4".
         dtype: dtype of the parameters left unquantized.
 
@@ -402,6 +445,12 @@ def quantize_tensor(model: nn.Module, name: str, value: torch.Tensor, mode: str,
         raise QuantizeError(f"quantize={mode!r} is not supported here; use int8 or int4")
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
+    if isinstance(value, Int4Codes):
+        if mode == "int4" and type(module) is nn.Linear and leaf == "weight" and module.bias is None \
+                and module_name != "output":
+            _set(model, module_name, Int4Linear.from_codes(value))
+            return
+        value = value.dense()
     args = getattr(model, "args", None)
     tied_embedding = name == "tok_embeddings.weight" and args is not None and args.tie_embeddings
     def own(to: Optional[torch.dtype]) -> nn.Parameter:
@@ -461,5 +510,5 @@ def quantized_mode(model: nn.Module) -> str:
     return "none"
 
 
-__all__ = ["QUANTIZE_MODES", "QuantizeError", "Int8Linear", "Int4Linear", "RescoredOutput", "quantize_int8", "quantize_model", "quantize_tensor",
+__all__ = ["QUANTIZE_MODES", "QuantizeError", "Int8Linear", "Int4Codes", "Int4Linear", "RescoredOutput", "quantize_int8", "quantize_model", "quantize_tensor",
            "quantized_mode"]

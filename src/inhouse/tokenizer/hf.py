@@ -21,7 +21,6 @@ is matched.
 
 from __future__ import annotations
 
-import copy
 import json
 import logging
 import os
@@ -133,10 +132,13 @@ class HFTokenizer(Tokenizer):
         self.source = source
         added = tokenizer_json.get("added_tokens") or []
         try:
-            self._with_special = tokenizers.Tokenizer.from_str(json.dumps(tokenizer_json))
-            plain_json = copy.copy(tokenizer_json)
-            plain_json["added_tokens"] = [dict(t, special=True) for t in added]
-            self._plain = tokenizers.Tokenizer.from_str(json.dumps(plain_json))
+            # The two differ only in their added tokens: the rest (vocabulary, merges: ~0.15 s of
+            # json.dumps for a 49k-token vocabulary) is written out once.
+            rest = json.dumps({k: v for k, v in tokenizer_json.items() if k != "added_tokens"})
+            def with_added(tokens: list) -> str:
+                return '{"added_tokens": ' + json.dumps(tokens) + (", " + rest[1:] if rest != "{}" else "}")
+            self._with_special = tokenizers.Tokenizer.from_str(with_added(added))
+            self._plain = tokenizers.Tokenizer.from_str(with_added([dict(t, special=True) for t in added]))
         except Exception as e:  # tokenizers raises its own Exception type
             raise TokenizerError(f"{source or 'tokenizer.json'}: `tokenizers` cannot load it: {e}") from e
         self._plain.encode_special_tokens = True

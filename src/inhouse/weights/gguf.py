@@ -24,12 +24,12 @@ import mmap
 import os
 import struct
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Optional
 
 import numpy as np
 import torch
 
-from inhouse.weights.quants import GGML_BLOCK_SIZES, GGML_TYPE_NAMES, SUPPORTED_TYPES, dequantize
+from inhouse.weights.quants import GGML_BLOCK_SIZES, GGML_TYPE_NAMES, Q4_TYPES, SUPPORTED_TYPES, dequantize, q4_codes
 
 __all__ = ["GGUFError", "GGUFTensorInfo", "GGUFFile", "read_gguf"]
 
@@ -184,8 +184,27 @@ class _HeaderParser:
             self.pos += length
             return (flags != 0).tolist()
         if etype == _STRING:
-            return [self.string(f"{what}[{i}]") for i in range(length)]
+            return self.strings(what, length)
         return [self.array(f"{what}[{i}]", depth + 1) for i in range(length)]
+
+    def strings(self, what: str, length: int) -> list[str]:
+        """`length` strings in a row (a tokenizer's 50-150k tokens and merges): `string` in one tight
+        loop, with the element's name built only for an error."""
+        buf, pos, size, unpack = self.buf, self.pos, self.size, _U64.unpack_from
+        out = []
+        append = out.append
+        for i in range(length):
+            if pos + 8 > size or pos + 8 + unpack(buf, pos)[0] > size:
+                self.pos = pos
+                self.string(f"{what}[{i}]")  # raises, with the same message as one string
+            (n,) = unpack(buf, pos)
+            start, pos = pos + 8, pos + 8 + n
+            try:
+                append(str(buf[start:pos], "utf-8"))
+            except UnicodeDecodeError as exc:
+                raise self.fail(f"{what}[{i}] at byte {start} is not valid UTF-8 ({exc.reason})") from None
+        self.pos = pos
+        return out
 
 
 def _type_label(ggml_type: int) -> str:
@@ -355,6 +374,13 @@ class GGUFFile:
         if self._bytes is None:
             raise GGUFError(f"{self.path}: the file is closed")
         return self._bytes[info.offset : info.offset + info.n_bytes]
+
+    def int4_codes(self, name: str) -> Optional[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """A Q4_0/Q4_1 matrix's codes, steps and minimums (`quants.q4_codes`); None for other tensors."""
+        info = self._info(name)
+        if info.ggml_type not in Q4_TYPES or len(info.shape) != 2:
+            return None
+        return q4_codes(self.raw(name), info.ggml_type, *info.shape)
 
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Tensor ``name`` decoded to ``dtype`` and shaped ``info.shape``.

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from inhouse.config import ConfigError, ModelArgs
-from inhouse.model.quant import quantize_tensor
+from inhouse.model.quant import Int4Codes, quantize_tensor
 from inhouse.model.transformer import Transformer, rope_inv_freq
 from inhouse.weights import hf, meta
 from inhouse.weights.gguf import GGUFError, read_gguf
@@ -189,27 +189,35 @@ def inspect_checkpoint(path: Union[str, os.PathLike]) -> CheckpointInfo:
 
 
 # --------------------------------------------------------------------------- tensors
-def _iter_gguf(path: str, dtype: torch.dtype, opened=None) -> Iterator[tuple[str, torch.Tensor, str]]:
+def _iter_gguf(path: str, dtype: torch.dtype, opened=None, int4_codes: bool = False
+               ) -> Iterator[tuple[str, Union[torch.Tensor, Int4Codes], str]]:
     with opened or _open_gguf(path) as f:
         for name in f.tensors:
             target = remap(name, GGUF_TO_META, path)
             if target is None:
                 continue
             try:
+                codes = f.int4_codes(name) if int4_codes else None
+                if codes is not None:  # a Q4_0/Q4_1 matrix, handed over as its codes (no fp32 round trip)
+                    yield target, Int4Codes(*codes), path
+                    continue
                 t = f.tensor(name, dtype=torch.float32 if target == ROPE_FREQS else dtype)
             except GGUFError as e:
                 raise WeightsError(str(e)) from e
+            except ValueError as e:  # q4_codes: a size that does not match the shape
+                raise WeightsError(f"{path}: tensor {name!r}: {e}") from e
             yield target, t, path  # views of the map keep it alive after close()
 
 
-def _iter_checkpoint(info: CheckpointInfo, dtype: torch.dtype) -> Iterator[tuple[str, torch.Tensor, str]]:
+def _iter_checkpoint(info: CheckpointInfo, dtype: torch.dtype, int4_codes: bool = False
+                     ) -> Iterator[tuple[str, Union[torch.Tensor, Int4Codes], str]]:
     if info.format == "meta":
         return meta.iter_tensors(meta.open_shards(_root(info.path)))
     if info.format == "hf":
         return hf.iter_tensors(hf.weight_files(_root(info.path)), info.args)
     if info.format == "gguf":
         opened, info.gguf_file = info.gguf_file, None
-        return _iter_gguf(info.path, dtype, opened)
+        return _iter_gguf(info.path, dtype, opened, int4_codes)
     raise WeightsError(f"{info.path}: format {info.format!r} has no tensors to read")
 
 
@@ -251,7 +259,7 @@ def _finish(model: Transformer, device: torch.device, rope_freqs: Optional[torch
     model.eval()
 
 
-def _assign_all(model: Transformer, tensors: Iterator[tuple[str, torch.Tensor, str]], info: CheckpointInfo,
+def _assign_all(model: Transformer, tensors: Iterator[tuple[str, Union[torch.Tensor, Int4Codes], str]], info: CheckpointInfo,
                 dtype: torch.dtype, device: torch.device, quantize: str = "none") -> None:
     args = model.args
     params = dict(model.named_parameters())  # tied output.weight is not listed separately
@@ -273,12 +281,16 @@ def _assign_all(model: Transformer, tensors: Iterator[tuple[str, torch.Tensor, s
         if tuple(t.shape) != want:
             raise WeightsError(f"{src}: tensor {name!r} has shape {tuple(t.shape)}, "
                                f"but the model config needs {want}")
-        if not t.is_floating_point():
+        if isinstance(t, Int4Codes):
+            if quantize == "none" or device.type != "cpu":
+                t = t.dense()  # what dequantizing the blocks gives, bit for bit
+        elif not t.is_floating_point():
             raise WeightsError(f"{src}: tensor {name!r} has dtype {t.dtype}, expected floating point")
         if quantize == "none":
             _set_parameter(model, name, t.to(device=device, dtype=dtype))
         else:  # quantized as it arrives: the model never exists in fp32 as a whole
-            quantize_tensor(model, name, t.to(device=device, dtype=torch.float32), quantize, dtype)
+            quantize_tensor(model, name, t if isinstance(t, Int4Codes) else t.to(device=device, dtype=torch.float32),
+                            quantize, dtype)
         done.add(name)
         progress.step(t.numel() * itemsize)
     missing = [n for n in params if n not in done]
@@ -338,8 +350,8 @@ def load_model(
                 args.n_layers, args.dim, str(dtype).removeprefix("torch."))
     with torch.device("meta"):
         model = Transformer(args)
-    _assign_all(model, _iter_checkpoint(info, torch.float32 if quantize != "none" else dtype), info, dtype, device,
-                quantize)
+    tensors = _iter_checkpoint(info, torch.float32 if quantize != "none" else dtype, int4_codes=quantize == "int4")
+    _assign_all(model, tensors, info, dtype, device, quantize)
     return model, info
 
 

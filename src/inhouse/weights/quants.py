@@ -17,7 +17,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["GGML_TYPE_NAMES", "GGML_BLOCK_SIZES", "SUPPORTED_TYPES", "dequantize", "type_name"]
+__all__ = ["GGML_TYPE_NAMES", "GGML_BLOCK_SIZES", "SUPPORTED_TYPES", "Q4_TYPES", "dequantize", "q4_codes", "type_name"]
 
 QK_K = 256  # values per block of the "k-quants" (Q2_K .. Q8_K)
 
@@ -220,6 +220,43 @@ _KERNELS: dict[int, Callable[[torch.Tensor, torch.Tensor], None]] = {
 
 # ggml type id -> name, for the types :func:`dequantize` can decode.
 SUPPORTED_TYPES: dict[int, str] = {t: GGML_TYPE_NAMES[t] for t in sorted(_KERNELS)}
+
+
+Q4_TYPES = (2, 3)  # Q4_0, Q4_1: 4-bit codes with one fp16 step (and minimum) per 32 values
+
+
+def q4_codes(raw: np.ndarray, ggml_type: int, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The codes of a Q4_0 / Q4_1 matrix, without dequantizing it.
+
+    Value ``j`` of a block is ``code * d + m`` (Q4_1) or ``(code - 8) * d`` (Q4_0, i.e. the minimum
+    is ``-8 d``, exact in fp16); both are exactly ``code * step + min`` in fp32, the order in which
+    :func:`dequantize` computes them.
+
+    Args:
+        raw: the tensor's bytes (see :func:`dequantize`).
+        ggml_type: 2 (Q4_0) or 3 (Q4_1).
+        rows, cols: the matrix shape; blocks run along `cols` (a multiple of 32).
+
+    Returns:
+        ``(codes, steps, mins)``: (rows, cols) uint8 in 0..15, and (rows, cols / 32) fp16 each.
+
+    Raises:
+        ValueError: another type, or a size that does not match.
+    """
+    if ggml_type not in Q4_TYPES:
+        raise ValueError(f"q4_codes: {type_name(ggml_type)} is not Q4_0 or Q4_1")
+    block_size, type_size = GGML_BLOCK_SIZES[ggml_type]
+    if cols % block_size or np.asarray(raw).size != rows * cols // block_size * type_size:
+        raise ValueError(f"q4_codes: {rows} x {cols} {type_name(ggml_type)} values do not match {np.asarray(raw).size} bytes")
+    blocks = _as_tensor(np.asarray(raw)).view(-1, type_size)  # (n, type_size)
+    qs = blocks[:, type_size - 16:]  # (n, 16): value j < 16 in the low nibble of byte j, j >= 16 in the high one
+    codes = torch.cat((qs & 0x0F, qs >> 4), dim=1).view(rows, cols)
+    steps = blocks[:, 0:2].contiguous().view(torch.float16).view(rows, cols // block_size)
+    if ggml_type == 3:
+        mins = blocks[:, 2:4].contiguous().view(torch.float16).view(rows, cols // block_size)
+    else:
+        mins = steps * -8
+    return codes, steps, mins
 
 
 def type_name(ggml_type: int) -> str:
