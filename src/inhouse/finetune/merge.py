@@ -94,12 +94,11 @@ def _write_tokenizer(tokenizer, out_dir: str, source_dir: Optional[str]) -> None
                 copied.append(n)
     if "tokenizer.json" in copied or "tokenizer.model" in copied:
         return
-    inner = getattr(tokenizer, "_with_special", None)
-    if inner is None:
+    if not hasattr(tokenizer, "to_json"):
         logger.warning("no tokenizer file written to %s: give inhouse a tokenizer with --tokenizer", out_dir)
         return
     with open(os.path.join(out_dir, "tokenizer.json"), "w", encoding="utf-8") as f:
-        f.write(inner.to_str())
+        f.write(tokenizer.to_json())
     inv = {v: k for k, v in tokenizer.special_tokens.items()}
     cfg = {"tokenizer_class": "PreTrainedTokenizerFast", "add_bos_token": bool(tokenizer.add_bos),
            "bos_token": inv.get(tokenizer.bos_id), "eos_token": inv.get(tokenizer.eos_id),
