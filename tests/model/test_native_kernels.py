@@ -159,3 +159,20 @@ def test_the_loaded_build_is_the_cpus():
     from inhouse.kernels import native_isa
 
     assert native_kernels_available() and native_isa() == cpu_isa()
+
+
+@pytest.mark.parametrize("cls", [Int4Linear, Int8Linear])
+def test_decode_rows_always_take_the_row_kernels(cls):
+    """Many sequences decoding together (x (B, 1, K), B past small_batch) still get their rows
+    computed alone; a prompt chunk of as many tokens takes the dense matmul."""
+    from inhouse.model.quant import small_batch
+
+    lin = cls.from_weight(torch.randn(96, 576, generator=torch.Generator().manual_seed(10)), native=True)
+    B = small_batch(True) + 36
+    x = torch.randn(B, 1, 576, generator=torch.Generator().manual_seed(11))
+    rows = lin(x)[:, 0]
+    for i in (0, B // 2, B - 1):
+        assert torch.equal(rows[i], lin(x[i:i + 1])[0, 0])
+    chunk = lin(x.view(1, B, 576))[0]  # one sequence's B-token prompt chunk
+    assert not torch.equal(chunk, rows)  # another kernel, another rounding
+    torch.testing.assert_close(chunk, rows, rtol=2e-2, atol=2e-2 * rows.abs().max().item())

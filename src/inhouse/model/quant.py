@@ -26,10 +26,10 @@ fp32: with a bf16 residual stream, ~3% of next tokens differ from the fp32 refer
 exact the weights are; with it and the native kernel, 98.8-99.6% agree (tests/model/test_quant.py).
 
 Per-row results do not depend on how many rows are in the batch (the kernels compute each row
-alone, checked in tests/model/test_quant.py and tests/model/test_native_kernels.py), as long as a
-call has at most `SMALL_BATCH` rows; larger calls (prompt chunks) dequantize the matrix to bf16
-(fp32 on CPUs without bf16 hardware, `chunk_dtype`) and use a regular matmul, which is several
-times faster there.
+alone, checked in tests/model/test_quant.py and tests/model/test_native_kernels.py): decode rows
+(one token per sequence, x of shape (B, 1, K)) always take the row kernels, whatever B. Prompt
+chunks of more than `small_batch` rows dequantize the matrix to bf16 (fp32 on CPUs without bf16
+hardware, `chunk_dtype`) and use a regular matmul, which is several times faster there.
 """
 
 from __future__ import annotations
@@ -45,12 +45,32 @@ logger = logging.getLogger("inhouse.model")
 
 QUANTIZE_MODES = ("none", "int8", "int4")
 INT4_GROUP = 32  # input columns per scale/zero: a GGUF Q4 block
-SMALL_BATCH = 64  # rows at or under which the int8 kernel runs; above, dequantize + a regular matmul
+SMALL_BATCH = 64  # prompt-chunk rows up to which the row kernels run; above, dequantize + a regular matmul
+SMALL_BATCH_AVX2 = 24  # the same for the native AVX2 build, whose rows cost about twice as much
 _chunk_dtype: Optional[torch.dtype] = None
 
 
+def small_batch(native: bool) -> int:
+    """Rows of a prompt chunk up to which the row kernels beat dequantizing and one dense matmul."""
+    if native:
+        from inhouse.kernels import native_isa
+
+        if native_isa() == "avx2":
+            return SMALL_BATCH_AVX2
+    return SMALL_BATCH
+
+
+def _row_kernels(x: torch.Tensor, rows: int, native: bool) -> bool:
+    """Whether a call on `x` ((..., K), `rows` rows in all) runs the row kernels.
+
+    Decode rows (x (B, 1, K): one token per sequence) always do, so that a sequence's tokens
+    never depend on how many others share its step; prompt chunks do up to `small_batch` rows.
+    """
+    return (x.dim() >= 3 and x.shape[-2] == 1) or rows <= small_batch(native)
+
+
 def chunk_dtype() -> torch.dtype:
-    """The dtype of the matmuls of calls over `SMALL_BATCH` rows (prompt chunks): bf16 where the CPU
+    """The dtype of the matmuls of prompt chunks over `small_batch` rows: bf16 where the CPU
     has bf16 hardware (AVX512-BF16, AMX) or on a GPU, fp32 on the others, where PyTorch emulates bf16
     about 6x slower (and fp32 is the more exact of the two)."""
     global _chunk_dtype
@@ -93,7 +113,7 @@ class Int8Linear(nn.Module):
     """``y = x @ (q * scale).T`` with int8 `q` (N, K) and one `scale` per output row (N,); no bias.
 
     With the native kernel (``native``: AVX-512 VNNI or AVX2, K a multiple of 64) the scales are fp32 and
-    calls of up to `SMALL_BATCH` rows run ``torch.ops.inhouse.int8_mm`` (activations as int16
+    decode rows and prompt chunks of up to `small_batch` rows run ``torch.ops.inhouse.int8_mm`` (activations as int16
     per group of 32); otherwise they are bf16 for ``torch._weight_int8pack_mm`` (bf16
     activations). Larger calls dequantize to `chunk_dtype` (bf16, or fp32 on CPUs without bf16
     hardware) and use a regular matmul.
@@ -130,9 +150,10 @@ class Int8Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
-        if x2.shape[0] <= SMALL_BATCH and self.native:
+        small = _row_kernels(x, x2.shape[0], self.native)
+        if small and self.native:
             return torch.ops.inhouse.int8_mm(x2, self.weight_int8, self.scales).view(*shape[:-1], self.out_features)
-        if x2.shape[0] <= SMALL_BATCH:
+        if small:
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8, self.scales)  # (M, N)
         else:  # prompt chunks: compute-bound
             dt = _chunk_dtype_for(x2)
@@ -227,7 +248,7 @@ class Int4Linear(nn.Module):
     * native (`inhouse.kernels`, CPUs with AVX-512 VNNI or AVX2, K a multiple of 64): ``weight_q4``
       (N, K/2) uint8 in the kernel's block layout, ``steps`` and ``mins`` (N, K/32) fp16 — GGUF
       stores Q4_1's scale and minimum in fp16, so these are the file's weights exactly. Calls of
-      up to `SMALL_BATCH` rows run ``torch.ops.inhouse.int4_mm``: the activations are quantized
+      decode rows and chunks of up to `small_batch` rows run ``torch.ops.inhouse.int4_mm``: the activations are quantized
       to int16 per group of 32 and multiplied with integer dot products, reading the weights at close
       to memory bandwidth.
     * PyTorch's: ``weight_int4pack`` (``torch._weight_int4pack_mm_for_cpu``'s packed layout),
@@ -322,15 +343,16 @@ class Int4Linear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features)  # (M, K)
+        small = _row_kernels(x, x2.shape[0], self.native)
         if self.native:
-            if x2.shape[0] <= SMALL_BATCH:
+            if small:
                 y = torch.ops.inhouse.int4_mm(x2, self.weight_q4, self.steps, self.mins)  # in x's dtype
             else:  # prompt chunks: the matrix in bf16 (rounded once from fp32) or fp32, a regular matmul
                 dt = _chunk_dtype_for(x2)
                 w = torch.ops.inhouse.int4_dequantize(self.weight_q4, self.steps, self.mins, dt == torch.float32)
                 y = F.linear(x2.to(dt), w).to(x.dtype)
             return y.view(*shape[:-1], self.out_features)
-        if x2.shape[0] <= SMALL_BATCH:
+        if small:
             y = torch._weight_int4pack_mm_for_cpu(x2.to(torch.bfloat16), self.weight_int4pack, INT4_GROUP,
                                                   self.scales_and_zeros)
         else:
@@ -390,7 +412,8 @@ class RescoredOutput(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()  # (M, D)
-        logits = self.approx(x2).float()  # (M, V); the int8 kernels take fp32 or bf16 rows
+        # (M, V); the int8 kernels take fp32 or bf16 rows; x's own shape says decode rows or a chunk
+        logits = self.approx(x.float()).reshape(-1, self.out_features).float()
         top = logits.topk(self.k, dim=-1).indices  # (M, k)
         # A product and a sum per row rather than bmm, whose kernel choice depends on M (and
         # with it the rounding): each row must come out the same whatever the batch.
