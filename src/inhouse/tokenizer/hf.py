@@ -31,6 +31,8 @@ from typing import Any
 
 import tokenizers
 
+from inhouse.util import gc_paused
+
 from .base import Tokenizer, TokenizerError
 from .llama3 import LLAMA3_SPLIT_PATTERN, _pieces
 
@@ -253,6 +255,11 @@ class HFTokenizer(Tokenizer):
         Raises:
             TokenizerError: a required key is missing, or the tokenizer kind / pre-tokenizer is unsupported.
         """
+        with gc_paused():
+            return cls._from_gguf_metadata(meta, path)
+
+    @classmethod
+    def _from_gguf_metadata(cls, meta: Mapping[str, Any], path: str) -> "HFTokenizer":
         where = path or "GGUF metadata"
         kind = meta.get("tokenizer.ggml.model")
         if kind != "gpt2":

@@ -29,6 +29,7 @@ from typing import Any, Optional
 import numpy as np
 import torch
 
+from inhouse.util import gc_paused
 from inhouse.weights.quants import GGML_BLOCK_SIZES, GGML_TYPE_NAMES, Q4_TYPES, SUPPORTED_TYPES, dequantize, q4_codes
 
 __all__ = ["GGUFError", "GGUFTensorInfo", "GGUFFile", "read_gguf"]
@@ -251,7 +252,8 @@ class GGUFFile:
             # wrap them without copying (and without its read-only-buffer warning).
             self._mmap = mmap.mmap(fh.fileno(), 0, access=mmap.ACCESS_COPY)
         try:
-            self._parse(size)
+            with gc_paused():  # ~100k metadata strings (a tokenizer) and lists
+                self._parse(size)
         except BaseException:
             self.close()
             raise
