@@ -67,12 +67,22 @@ void rows_times_int4(int64_t n0, int64_t n1, int64_t K, const uint8_t* w, const 
       acc[r] = acc_zero();
       macc[r] = zero();
     }
-    for (int64_t g = 0; g < G; g += 16) {
-      const vf sv = load_half_n(sr + g, G - g);
-      const vf mv = load_half_n(mr + g, G - g);
+    const int64_t Gv = G / 16 * 16;  // groups in whole vectors; the last G % 16 one by one (cheaper than masks)
+    for (int64_t g = 0; g < Gv; g += 16) {
+      const vf sv = load_half(sr + g);
+      const vf mv = load_half(mr + g);
       for (int r = 0; r < R; ++r) {
-        store(scale[r] + g, mul(sv, load_n(xs + r * G16 + g, G - g)));
+        store(scale[r] + g, mul(sv, load(xs + r * G16 + g)));
         macc[r] = fmadd(mv, load(xsum + r * G16 + g), macc[r]);  // the mins term
+      }
+    }
+    float mtail[R];
+    for (int r = 0; r < R; ++r) mtail[r] = 0.0f;
+    for (int64_t g = Gv; g < G; ++g) {
+      const float st = _cvtsh_ss(sr[g]), mn = _cvtsh_ss(mr[g]);
+      for (int r = 0; r < R; ++r) {
+        scale[r][g] = st * xs[r * G16 + g];
+        mtail[r] += mn * xsum[r * G16 + g];
       }
     }
     int64_t b = 0;
@@ -89,7 +99,7 @@ void rows_times_int4(int64_t n0, int64_t n1, int64_t K, const uint8_t* w, const 
       int4_groups(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + b * 32)), g0, g1);
       for (int r = 0; r < R; ++r) acc[r] = acc_pair(acc[r], g0, g1, xq + r * K + b * kBlock, scale[r] + 2 * b);
     }
-    for (int r = 0; r < R; ++r) out[r * ldo + n] = acc_sum(acc[r]) + reduce_add(macc[r]);
+    for (int r = 0; r < R; ++r) out[r * ldo + n] = acc_sum(acc[r], macc[r]) + mtail[r];
   }
 }
 
@@ -114,7 +124,7 @@ void rows_times_int8(int64_t n0, int64_t n1, int64_t K, const int8_t* w, const f
       const vw g0 = group(g), g1 = group(g + 1);
       for (int r = 0; r < R; ++r) acc[r] = acc_pair(acc[r], g0, g1, xq + r * K + g * kGroup, xs + r * G16 + g);
     }
-    for (int r = 0; r < R; ++r) out[r * ldo + n] = acc_sum(acc[r]) * row_scales[n];
+    for (int r = 0; r < R; ++r) out[r * ldo + n] = acc_sum(acc[r], zero()) * row_scales[n];
   }
 }
 

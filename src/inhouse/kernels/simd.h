@@ -103,7 +103,7 @@ inline vacc acc_pair(vacc a, vw g0, vw g1, const int16_t* x, const float* scale)
 inline vacc acc_quad(vacc a, vw g0, vw g1, vw g2, vw g3, const int16_t* x, const float* scale) {
   return acc_pair(acc_pair(a, g0, g1, x, scale), g2, g3, x + 64, scale + 2);
 }
-inline float acc_sum(vacc a) { return reduce_add(add(a.even, a.odd)); }
+inline float acc_sum(vacc a, vf extra) { return reduce_add(add(add(a.even, a.odd), extra)); }  // + extra's lanes
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 constexpr const char* kIsa = "avx2";
@@ -271,7 +271,9 @@ inline vacc acc_quad(vacc a, vw g0, vw g1, vw g2, vw g3, const int16_t* x, const
   a.quads = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_broadcast_ps(reinterpret_cast<const __m128*>(scale)), a.quads);
   return a;
 }
-inline float acc_sum(vacc a) { return hsum8(_mm256_add_ps(a.quads, a.pairs)); }
+inline float acc_sum(vacc a, vf extra) {  // + extra's lanes
+  return hsum8(_mm256_add_ps(_mm256_add_ps(a.quads, a.pairs), _mm256_add_ps(extra.lo, extra.hi)));
+}
 
 #else
 #error "inhouse's native kernels need AVX-512 (F, BW, VL, VNNI, BF16) or AVX2 with FMA and F16C"
