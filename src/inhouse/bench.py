@@ -222,35 +222,66 @@ def _peer_has(python: str, module: str) -> Optional[str]:
     return None if r.returncode == 0 else f"{module} is not installed for {python}"
 
 
+_HIGHER_BETTER = ("prefill_tok_s", "decode_tok_s", "batch_tok_s")
+_LOWER_BETTER = ("ttft_s",)
+
+
+def best_of(results: list[dict]) -> dict:
+    """One configuration's runs merged: the best of each speed and time to first token, the highest
+    peak RSS (speeds on a shared or throttled machine only ever come out lower than the machine can
+    do; memory is what the run needed). An error only if every run failed."""
+    ok = [r for r in results if "error" not in r]
+    if not ok:
+        return results[-1]
+    merged = dict(ok[-1], runs=len(ok))
+    for key in _HIGHER_BETTER + _LOWER_BETTER:
+        values = [r[key] for r in ok if r.get(key) is not None]
+        if values:
+            merged[key] = max(values) if key in _HIGHER_BETTER else min(values)
+    merged["peak_rss_mb"] = max(r["peak_rss_mb"] for r in ok)
+    return merged
+
+
 def run_bench(model: Optional[str], *, precisions: list[str], peers: list[str], peer_python: str,
               prompt_len: int = 512, decode_len: int = 128, batch: int = 8, threads: Optional[int] = None,
-              compile: bool = False, out=sys.stdout) -> list[dict]:
-    """Run every configuration and print the table; returns the rows (dicts)."""
+              compile: bool = False, repeat: int = 1, out=sys.stdout) -> list[dict]:
+    """Run every configuration and print the table; returns the rows (dicts).
+
+    With `repeat` > 1 the whole sequence of configurations runs that many times, one after the
+    other (so that a slow spell of the machine hits every engine alike), merged by `best_of`.
+    """
     from inhouse.resolve import parse_model_spec
 
     spec = parse_model_spec(model)
     path = spec.path
     opts = {"prompt_len": prompt_len, "decode_len": decode_len, "batch": batch,
             "threads": threads or os.cpu_count() or 1, "compile": compile}
-    rows: list[dict] = []
+    configs: list[tuple[str, str, str, Optional[str]]] = []  # (row name, interpreter, worker, model)
+    rows: dict[str, list[dict]] = {}  # row name -> its runs, in table order
     for prec in precisions:
-        print(f"running inhouse {prec} ...", file=sys.stderr, flush=True)
-        rows.append({"name": f"inhouse {prec}", **_run_worker(sys.executable, f"inhouse:{prec}", model, opts)})
+        configs.append((f"inhouse {prec}", sys.executable, f"inhouse:{prec}", model))
+        rows[f"inhouse {prec}"] = []
     for peer in peers:
         name = {"llamacpp": "llama.cpp", "transformers": "transformers fp32"}[peer]
         if path is None or (peer == "llamacpp" and not path.endswith(".gguf")):
-            rows.append({"name": name, "error": "needs a model file (GGUF for llama.cpp)"})
+            rows[name] = [{"name": name, "error": "needs a model file (GGUF for llama.cpp)"}]
             continue
         python = peer_python if peer == "llamacpp" else sys.executable
         why = _peer_has(python, "llama_cpp" if peer == "llamacpp" else "transformers")
         if why:
-            rows.append({"name": name, "error": f"not installed: {why} (see benchmarks/README.md)"})
+            rows[name] = [{"name": name, "error": f"not installed: {why} (see benchmarks/README.md)"}]
             continue
-        print(f"running {name} ...", file=sys.stderr, flush=True)
-        rows.append({"name": name, **_run_worker(python, peer, path, opts)})
-    print_table(rows, out=out, ref="llama.cpp", header=f"model {spec.name}; prompt {prompt_len} tokens, "
-                f"decode {decode_len} tokens, batch {batch}")
-    return rows
+        configs.append((name, python, peer, path))
+        rows[name] = []
+    for round_ in range(max(1, repeat)):
+        for name, python, worker, target in configs:
+            print(f"running {name} ..." + (f" (round {round_ + 1}/{repeat})" if repeat > 1 else ""), file=sys.stderr,
+                  flush=True)
+            rows[name].append({"name": name, **_run_worker(python, worker, target, opts)})
+    merged = [best_of(runs) for runs in rows.values()]
+    print_table(merged, out=out, ref="llama.cpp", header=f"model {spec.name}; prompt {prompt_len} tokens, "
+                f"decode {decode_len} tokens, batch {batch}" + (f"; best of {repeat} rounds" if repeat > 1 else ""))
+    return merged
 
 
 def print_table(rows: list[dict], *, out=sys.stdout, ref: str = "llama.cpp", header: str = "") -> None:

@@ -96,6 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
     b.add_argument("--decode-len", type=int, default=128)
     b.add_argument("--batch", type=int, default=8, help="sequences in the batched decode run (1 to skip)")
     b.add_argument("--compile", action="store_true", help="inhouse runs with the compiled decode step")
+    b.add_argument("--repeat", type=int, default=1,
+                   help="run every configuration this many rounds and keep each one's best speeds (noisy machines)")
     b.set_defaults(func=cmd_bench)
 
     s = sub.add_parser("serve", help="OpenAI-compatible server with a web chat page", parents=[common])
@@ -377,7 +379,7 @@ def cmd_bench(a: argparse.Namespace) -> int:
     if bad:
         raise ValueError(f"--peers: unknown {bad[0]!r}; use llamacpp, transformers or none")
     run_bench(a.model, precisions=precisions, peers=peers, peer_python=a.peer_python or DEFAULT_PEER_PYTHON,
-              prompt_len=a.prompt_len, decode_len=a.decode_len, batch=a.batch, compile=a.compile)
+              prompt_len=a.prompt_len, decode_len=a.decode_len, batch=a.batch, compile=a.compile, repeat=a.repeat)
     return 0
 
 
