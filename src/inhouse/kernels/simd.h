@@ -18,7 +18,6 @@
 #include <immintrin.h>
 
 #include <cstdint>
-#include <cstring>
 
 namespace inhouse_kernels {
 namespace simd {
@@ -56,9 +55,8 @@ inline float reduce_max(vf a) { return _mm512_reduce_max_ps(a); }
 // Bit i set where lane i (< n) is greater than t.
 inline uint32_t greater(vf a, float t, int64_t n) { return _mm512_mask_cmp_ps_mask(first(n), a, _mm512_set1_ps(t), _CMP_GT_OQ); }
 
-// 16 fp16 / bf16 values -> fp32 (exact); the _n forms read only n values (the rest: 0).
+// 16 fp16 / bf16 values -> fp32 (exact).
 inline vf load_half(const uint16_t* p) { return _mm512_cvtph_ps(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
-inline vf load_half_n(const uint16_t* p, int64_t n) { return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first(n), p)); }
 inline vf load_bf16(const uint16_t* p) {
   return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))), 16));
 }
@@ -184,20 +182,6 @@ inline uint32_t greater(vf a, float t, int64_t n) {
 inline vf load_half(const uint16_t* p) {
   return {_mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
           _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
-}
-inline __m128i first4(int64_t n) {  // all-ones in 32-bit lanes < n (n clamped to [0, 4])
-  const int32_t k = static_cast<int32_t>(n < 0 ? 0 : (n > 4 ? 4 : n));
-  return _mm_cmpgt_epi32(_mm_set1_epi32(k), _mm_setr_epi32(0, 1, 2, 3));
-}
-inline vf load_half_n(const uint16_t* p, int64_t n) {
-  if (n >= 16) return load_half(p);
-  if (n % 2 == 0) {  // pairs of halves as masked 32-bit loads (the kernels' groups come in pairs: K % 64 == 0)
-    const int* q = reinterpret_cast<const int*>(p);
-    return {_mm256_cvtph_ps(_mm_maskload_epi32(q, first4(n / 2))), _mm256_cvtph_ps(_mm_maskload_epi32(q + 4, first4(n / 2 - 4)))};
-  }
-  alignas(32) uint16_t tmp[16] = {0};  // (a store-to-load stall: not on any kernel's path)
-  std::memcpy(tmp, p, static_cast<size_t>(n < 0 ? 0 : n) * sizeof(uint16_t));
-  return load_half(tmp);
 }
 inline __m256 bf16_8(__m128i h) { return _mm256_castsi256_ps(_mm256_slli_epi32(_mm256_cvtepu16_epi32(h), 16)); }
 inline vf load_bf16(const uint16_t* p) {
