@@ -158,7 +158,7 @@ def _load(isa: str) -> Optional[str]:
             # process never loads a half-written library
             work = build_dir / f"build-{os.getpid()}"
             work.mkdir(parents=True, exist_ok=True)
-            logger.warning("building the native CPU kernels (%s) once (about 10 s; kept in %s)", isa, build_dir)
+            logger.warning("building the native CPU kernels (%s) once (10-40 s; kept in %s)", isa, build_dir)
             t = time.perf_counter()
             cpp_extension.load(name=name, sources=[str(f) for f in _SOURCES], extra_cflags=_cflags(isa),
                                extra_ldflags=["-fopenmp"], build_directory=str(work),
