@@ -130,3 +130,21 @@ def test_the_engine_decodes_the_embedded_model_natively():
     eager = llm.chat(prompt, greedy)[0].outputs[0]
     # float-rounding differences may flip a near-tie late in a long answer; the start must agree
     assert fused.token_ids[:12] == eager.token_ids[:12]
+
+
+def test_a_decoder_built_before_the_weights_move_keeps_working():
+    """The decoder holds raw pointers: moving the model's tensors afterwards (huge pages) must not pull
+    its memory away (it keeps references of its own to what it points into)."""
+    from inhouse.model.arena import move_to_huge_pages
+
+    model = quantized_tiny("int4", seed=6)
+    fused = FusedDecode(model)
+    ids = torch.randint(0, model.args.vocab_size, (2, 6), generator=torch.Generator().manual_seed(7))
+    before, _ = run_steps(fused, model, ids, torch.arange(2))
+    move_to_huge_pages(model)
+    import gc
+
+    gc.collect()
+    after, _ = run_steps(fused, model, ids, torch.arange(2))
+    assert torch.equal(before, after)
+    assert torch.equal(run_steps(FusedDecode(model), model, ids, torch.arange(2))[0], before)

@@ -5,7 +5,7 @@ crosses a page every 4 KiB (SmolLM2-135M's 150 MB: ~37,000 pages, each a TLB mis
 hardware prefetchers stop at every page boundary); with 2 MiB huge pages it crosses ~75. On a
 2-core AMD EPYC a batch-1 decode step went from 9.0 to 6.4 ms with nothing else changed.
 
-`move_to_huge_pages` copies a module's large CPU tensors, one after the other, into a 2 MiB-aligned
+`move_to_huge_pages` copies a module's CPU tensors, one after the other, into a 2 MiB-aligned
 anonymous memory map advised ``MADV_HUGEPAGE`` (Linux transparent huge pages in ``madvise`` or
 ``always`` mode; elsewhere it changes nothing but the placement) and points each tensor at its
 copy in place (``tensor.data = copy``): modules, tied weights and anything else holding the tensor
@@ -46,7 +46,7 @@ def huge_pages_available() -> bool:
 
 @torch.no_grad()
 def move_to_huge_pages(module: nn.Module) -> int:
-    """Move `module`'s large CPU parameters and buffers that need no gradient into huge pages.
+    """Move `module`'s CPU parameters and buffers that need no gradient into huge pages.
 
     Tensors that share storage (tied embeddings) stay shared; views and tensors that do not own
     their whole storage are left alone. Call it before anything keeps raw pointers into the

@@ -35,9 +35,11 @@ LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
 
 
 def _linear_tensors(m: nn.Module) -> list[torch.Tensor]:
+    # detached: the decoder keeps its own references to the storage its raw pointers point into,
+    # even if the module's tensors are later pointed elsewhere (`inhouse.model.arena`)
     if isinstance(m, Int4Linear):
-        return [m.weight_q4, m.steps, m.mins]
-    return [m.weight_int8, m.scales, m.scales]  # int8: the third is unused
+        return [m.weight_q4.detach(), m.steps.detach(), m.mins.detach()]
+    return [m.weight_int8.detach(), m.scales.detach(), m.scales.detach()]  # int8: the third is unused
 
 
 def fused_decode_unsupported(model: nn.Module) -> Optional[str]:
@@ -98,8 +100,8 @@ class FusedDecode:
         out = model.output
         self._decoder = torch.classes.inhouse.FusedDecoder(
             args.n_heads, args.n_kv_heads, args.head_dim, float(args.norm_eps),
-            model.tok_embeddings.weight.detach(), model.norm.weight.detach(), model.inv_freq.float().contiguous(),
-            out.approx.weight_int8, out.approx.scales, out.rows.detach(), out.k)
+            model.tok_embeddings.weight.detach(), model.norm.weight.detach(), model.inv_freq.detach().float().contiguous(),
+            out.approx.weight_int8.detach(), out.approx.scales.detach(), out.rows.detach(), out.k)
         for layer in model.layers:
             tensors = [layer.attention_norm.weight.detach(), layer.ffn_norm.weight.detach()]
             for name in LINEARS:
