@@ -50,14 +50,19 @@ SMALL_BATCH_AVX2 = 24  # the same for the native AVX2 build, whose rows cost abo
 _chunk_dtype: Optional[torch.dtype] = None
 
 
+_native_small_batch: Optional[int] = None
+
+
 def small_batch(native: bool) -> int:
     """Rows of a prompt chunk up to which the row kernels beat dequantizing and one dense matmul."""
-    if native:
+    global _native_small_batch
+    if not native:
+        return SMALL_BATCH
+    if _native_small_batch is None:  # a native module exists: the kernels are loaded, their build known
         from inhouse.kernels import native_isa
 
-        if native_isa() == "avx2":
-            return SMALL_BATCH_AVX2
-    return SMALL_BATCH
+        _native_small_batch = SMALL_BATCH_AVX2 if native_isa() == "avx2" else SMALL_BATCH
+    return _native_small_batch
 
 
 def _row_kernels(x: torch.Tensor, rows: int, native: bool) -> bool:
