@@ -30,7 +30,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Optional
+from typing import AbstractSet, Optional
 
 import torch
 
@@ -78,7 +78,7 @@ def cpu_has_fast_bf16() -> bool:
     return "avx512_bf16" in flags or "amx_bf16" in flags
 
 
-def cpu_isa(flags: Optional[set[str]] = None) -> Optional[str]:
+def cpu_isa(flags: Optional[AbstractSet[str]] = None) -> Optional[str]:
     """The best instruction set of `ISAS` the CPU has (``"avx512"``, ``"avx2"``), or None.
 
     ``INHOUSE_NATIVE_ISA`` names one to use instead (it must be one the CPU has).
@@ -127,7 +127,7 @@ def native_isa() -> Optional[str]:
 
 def native_kernels_available() -> bool:
     """Whether ``torch.ops.inhouse.int4_mm`` can be used here (builds and loads it the first time)."""
-    global _state
+    global _state, _isa
     if _state is not None:
         return _state
     reason = _why_not()
@@ -139,7 +139,6 @@ def native_kernels_available() -> bool:
         if reason is not None:  # the CPU could run them: say it loudly, decode is several times slower without
             logger.warning("native CPU kernels unavailable (%s): PyTorch's slower kernels instead", reason)
         else:
-            global _isa
             _isa = isa
             logger.debug("native CPU kernels loaded (%s)", isa)
     _state = reason is None

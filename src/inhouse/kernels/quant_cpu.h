@@ -35,7 +35,8 @@ using simd::kTileRows;  // activation rows served by one pass over the weights
 constexpr int64_t kPrefetch = INHOUSE_PREFETCH;  // bytes ahead of the weight row being read
 
 // Quantize one activation row: xq (K) int16 with one scale per group of 32 (xs, G) and the
-// exact group sums (xsum, G padded to 16 with zeros).
+// exact group sums (xsum, G padded to 16 with zeros). Within a group the 32 values are stored in
+// the order this build's row kernels read them (simd.h `store_group`), not necessarily in order.
 inline void quantize_row(const float* x, int64_t K, int16_t* xq, float* xs, float* xsum) {
   using namespace simd;
   const int64_t G = K / kGroup;

@@ -34,6 +34,7 @@ hardware, `chunk_dtype`) and use a regular matmul, which is several times faster
 
 from __future__ import annotations
 
+import functools
 import logging
 from typing import Optional, Union
 
@@ -47,22 +48,17 @@ QUANTIZE_MODES = ("none", "int8", "int4")
 INT4_GROUP = 32  # input columns per scale/zero: a GGUF Q4 block
 SMALL_BATCH = 64  # prompt-chunk rows up to which the row kernels run; above, dequantize + a regular matmul
 SMALL_BATCH_AVX2 = 24  # the same for the native AVX2 build, whose rows cost about twice as much
-_chunk_dtype: Optional[torch.dtype] = None
 
 
-_native_small_batch: Optional[int] = None
-
-
+@functools.lru_cache(maxsize=2)
 def small_batch(native: bool) -> int:
     """Rows of a prompt chunk up to which the row kernels beat dequantizing and one dense matmul."""
-    global _native_small_batch
-    if not native:
-        return SMALL_BATCH
-    if _native_small_batch is None:  # a native module exists: the kernels are loaded, their build known
+    if native:  # a native module exists: the kernels are loaded and their build is known
         from inhouse.kernels import native_isa
 
-        _native_small_batch = SMALL_BATCH_AVX2 if native_isa() == "avx2" else SMALL_BATCH
-    return _native_small_batch
+        if native_isa() == "avx2":
+            return SMALL_BATCH_AVX2
+    return SMALL_BATCH
 
 
 def _row_kernels(x: torch.Tensor, rows: int, native: bool) -> bool:
@@ -74,20 +70,18 @@ def _row_kernels(x: torch.Tensor, rows: int, native: bool) -> bool:
     return (x.dim() >= 3 and x.shape[-2] == 1) or rows <= small_batch(native)
 
 
-def chunk_dtype() -> torch.dtype:
-    """The dtype of the matmuls of prompt chunks over `small_batch` rows: bf16 where the CPU
-    has bf16 hardware (AVX512-BF16, AMX) or on a GPU, fp32 on the others, where PyTorch emulates bf16
-    about 6x slower (and fp32 is the more exact of the two)."""
-    global _chunk_dtype
-    if _chunk_dtype is None:
-        from inhouse.kernels import cpu_has_fast_bf16
+@functools.lru_cache(maxsize=1)
+def _cpu_chunk_dtype() -> torch.dtype:
+    from inhouse.kernels import cpu_has_fast_bf16
 
-        _chunk_dtype = torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
-    return _chunk_dtype
+    return torch.bfloat16 if cpu_has_fast_bf16() else torch.float32
 
 
-def _chunk_dtype_for(x: torch.Tensor) -> torch.dtype:
-    return chunk_dtype() if x.device.type == "cpu" else torch.bfloat16
+def chunk_dtype(device: Union[torch.device, str] = "cpu") -> torch.dtype:
+    """The dtype of the matmuls of prompt chunks over `small_batch` rows on `device`: bf16 on a GPU
+    and on CPUs with bf16 hardware (AVX512-BF16, AMX), fp32 on the other CPUs, where PyTorch emulates
+    bf16 about 6x slower (and fp32 is the more exact of the two)."""
+    return _cpu_chunk_dtype() if torch.device(device).type == "cpu" else torch.bfloat16
 
 
 class QuantizeError(ValueError):
@@ -161,7 +155,7 @@ class Int8Linear(nn.Module):
         if small:
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8, self.scales)  # (M, N)
         else:  # prompt chunks: compute-bound
-            dt = _chunk_dtype_for(x2)
+            dt = chunk_dtype(x2.device)
             y = F.linear(x2.to(dt), self.dequantized(dt))
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 
@@ -353,7 +347,7 @@ class Int4Linear(nn.Module):
             if small:
                 y = torch.ops.inhouse.int4_mm(x2, self.weight_q4, self.steps, self.mins)  # in x's dtype
             else:  # prompt chunks: the matrix in bf16 (rounded once from fp32) or fp32, a regular matmul
-                dt = _chunk_dtype_for(x2)
+                dt = chunk_dtype(x2.device)
                 w = torch.ops.inhouse.int4_dequantize(self.weight_q4, self.steps, self.mins, dt == torch.float32)
                 y = F.linear(x2.to(dt), w).to(x.dtype)
             return y.view(*shape[:-1], self.out_features)
@@ -363,7 +357,7 @@ class Int4Linear(nn.Module):
         else:
             # prompt chunks: compute-bound. Dequantize in fp32 and round once, if at all (bf16
             # arithmetic on the codes would add its own rounding to every weight).
-            dt = _chunk_dtype_for(x2)
+            dt = chunk_dtype(x2.device)
             y = F.linear(x2.to(dt), self.dequantized(torch.float32).to(dt))
         return y.view(*shape[:-1], self.out_features).to(x.dtype)
 

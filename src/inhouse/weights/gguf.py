@@ -195,11 +195,11 @@ class _HeaderParser:
         out = []
         append = out.append
         for i in range(length):
-            if pos + 8 > size or pos + 8 + unpack(buf, pos)[0] > size:
-                self.pos = pos
-                self.string(f"{what}[{i}]")  # raises, with the same message as one string
-            (n,) = unpack(buf, pos)
+            n = unpack(buf, pos)[0] if pos + 8 <= size else size  # (no room for the length: past the end)
             start, pos = pos + 8, pos + 8 + n
+            if pos > size:
+                self.pos = start - 8
+                self.string(f"{what}[{i}]")  # raises, with the same message as one string
             try:
                 append(str(buf[start:pos], "utf-8"))
             except UnicodeDecodeError as exc:
