@@ -32,3 +32,15 @@ _load_shared(Path(__file__).parent / "tiny.py", "_inhouse_tests_tiny")  # tests/
 def weights_helpers():
     """tests/weights/helpers.py: tiny checkpoints in every format."""
     return _load(Path(__file__).parent / "weights" / "helpers.py")
+
+
+@pytest.fixture(autouse=True, scope="session")
+def _prepared_weights_cache(tmp_path_factory):
+    """Prepared weights (inhouse.weights.prepared) go to a directory of this run, not ~/.cache:
+    the first load of a GGUF file converts and saves it, later ones (in-process or in a CLI
+    subprocess, which inherits the variable) read it back."""
+    import os
+
+    if "INHOUSE_WEIGHT_CACHE" not in os.environ:
+        os.environ["INHOUSE_WEIGHT_CACHE"] = str(tmp_path_factory.mktemp("prepared"))
+    yield

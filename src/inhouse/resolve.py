@@ -175,7 +175,7 @@ def open_model(model: Optional[str] = None, *, dtype: Union[str, torch.dtype, No
         ModelNotFoundError, WeightsError, TokenizerError, ConfigError, QuantizeError (all ValueError).
     """
 
-    from inhouse.weights import inspect_checkpoint, load_model, random_model
+    from inhouse.weights import available_bytes, check_fits, estimate, inspect_checkpoint, load_model, random_model
 
     spec = parse_model_spec(model)
     if spec.kind == "preset":
@@ -189,6 +189,19 @@ def open_model(model: Optional[str] = None, *, dtype: Union[str, torch.dtype, No
         net = random_model(spec.preset, seed=seed, dtype=torch_dtype, quantize=q)
         tok = load_tokenizer(tokenizer) if tokenizer else preset_tokenizer(spec.preset)
         return LoadedModel(spec.name, net, tok, net.args, torch_dtype, "random", None, quantize=q)
+
+    key = None
+    if not tokenizer and os.path.isfile(spec.path):  # a file converted before: read back as it was prepared
+        from inhouse.weights import prepared
+
+        key = prepared.entry_key(spec.path, dtype, quantize)
+        hit = prepared.load(key, spec.path) if key else None
+        if hit is not None:
+            args = hit.model.args
+            check_fits(estimate(args, hit.dtype, max_model_len or 0, hit.dtype), available_bytes(),
+                       f"loading {spec.path} as {str(hit.dtype).removeprefix('torch.')}")
+            return LoadedModel(spec.name, hit.model, hit.tokenizer, args, hit.dtype, "gguf", spec.path,
+                               quantize=hit.quantize)
 
     info = inspect_checkpoint(spec.path)
     torch_dtype = resolve_dtype(dtype, info.stored_dtype)
@@ -205,4 +218,6 @@ def open_model(model: Optional[str] = None, *, dtype: Union[str, torch.dtype, No
         raise ValueError(
             f"{info.path}: the tokenizer has {tok.vocab_size} ids but the model's vocabulary has {info.args.vocab_size}"
         )
+    if key and info.format == "gguf" and q != "none":
+        prepared.save(key, net, tok, source=spec.path, dtype=torch_dtype, quantize=q)
     return LoadedModel(spec.name, net, tok, info.args, torch_dtype, info.format, info.path, quantize=q)

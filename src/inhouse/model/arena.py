@@ -44,6 +44,29 @@ def huge_pages_available() -> bool:
         return False
 
 
+def aligned(nbytes: int) -> int:
+    """`nbytes` rounded up to the alignment at which each tensor of a block starts (a cache line)."""
+    return (nbytes + _ALIGN - 1) // _ALIGN * _ALIGN
+
+
+def huge_page_block(nbytes: int) -> tuple[torch.Tensor, memoryview]:
+    """`nbytes` of zeroed memory starting on a 2 MiB boundary, advised into huge pages where
+    `huge_pages_available` (plain anonymous memory elsewhere).
+
+    Returns:
+        ``(block, view)``: the memory as a (nbytes,) uint8 tensor, and as a writable memoryview
+        (for ``file.readinto``). Either keeps the memory alive; tensors viewing `block` share its
+        storage, which `move_to_huge_pages` therefore leaves where it is.
+    """
+    size = (nbytes + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE + HUGE_PAGE  # room to align the start
+    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+    if huge_pages_available():
+        buf.madvise(mmap.MADV_HUGEPAGE)
+    whole = torch.frombuffer(buf, dtype=torch.uint8)  # keeps `buf` alive as long as any view of it
+    off = (-whole.data_ptr()) % HUGE_PAGE
+    return whole[off:off + nbytes], memoryview(buf)[off:off + nbytes]
+
+
 @torch.no_grad()
 def move_to_huge_pages(module: nn.Module) -> int:
     """Move `module`'s CPU parameters and buffers that need no gradient into huge pages.
@@ -71,12 +94,9 @@ def move_to_huge_pages(module: nn.Module) -> int:
     if not tensors:
         return 0
     chosen = {id(t) for t in tensors}
-    total = sum((_nbytes(t) + _ALIGN - 1) // _ALIGN * _ALIGN for t in tensors)
-    size = (total + HUGE_PAGE - 1) // HUGE_PAGE * HUGE_PAGE + HUGE_PAGE  # room to align the start
-    buf = mmap.mmap(-1, size, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
-    buf.madvise(mmap.MADV_HUGEPAGE)
-    arena = torch.frombuffer(buf, dtype=torch.uint8)  # keeps `buf` alive as long as any view of it
-    off = (-arena.data_ptr()) % HUGE_PAGE
+    total = sum(aligned(_nbytes(t)) for t in tensors)
+    arena, _ = huge_page_block(total)
+    off = 0
     shared: dict[int, torch.Tensor] = {}
     for t in list(module.parameters()) + list(module.buffers()):
         key = t.untyped_storage().data_ptr()
@@ -91,7 +111,7 @@ def move_to_huge_pages(module: nn.Module) -> int:
         copy.copy_(t)
         shared[key] = copy
         t.data = copy  # in place: every holder of `t` sees the new memory; the old is freed
-        off += (n + _ALIGN - 1) // _ALIGN * _ALIGN
+        off += aligned(n)
     _release_freed_memory()
     logger.debug("moved %.0f MB of weights into huge pages", total / 2**20)
     return total

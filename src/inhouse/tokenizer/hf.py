@@ -113,6 +113,9 @@ class HFTokenizer(Tokenizer):
         chat_template: jinja chat template or None.
         add_bos: whether prompts start with BOS by default.
         meta_chunking: cut long inputs like Meta's Llama 3 tokenizer before encoding.
+        backend_json: the backend's own JSON when already at hand (`state`): `tokenizer_json` with
+            every added token marked special; `tokenizer_json` then needs only its ``added_tokens``,
+            ``model.byte_fallback`` and ``decoder``.
 
     Raises:
         TokenizerError: the JSON cannot be loaded by `tokenizers`.
@@ -130,6 +133,7 @@ class HFTokenizer(Tokenizer):
         chat_template: str | None = None,
         add_bos: bool = False,
         meta_chunking: bool = False,
+        backend_json: str | None = None,
     ) -> None:
         self.name = name
         self.source = source
@@ -137,9 +141,10 @@ class HFTokenizer(Tokenizer):
         # One backend for both kinds of encoding (a 49k-token BPE tokenizer takes ~25 MB and ~0.3 s
         # to build): every added token is marked special, and `encode` says per call whether the
         # text may spell them (`encode_special_tokens` False) or not (True: plain text throughout).
-        backend_json = dict(tokenizer_json, added_tokens=[dict(t, special=True) for t in added])
+        if backend_json is None:
+            backend_json = json.dumps(dict(tokenizer_json, added_tokens=[dict(t, special=True) for t in added]))
         try:
-            self._backend = tokenizers.Tokenizer.from_str(json.dumps(backend_json))
+            self._backend = tokenizers.Tokenizer.from_str(backend_json)
         except Exception as e:  # tokenizers raises its own Exception type
             raise TokenizerError(f"{source or 'tokenizer.json'}: `tokenizers` cannot load it: {e}") from e
         self._encode_lock = threading.Lock()  # the flag is the backend's: one encode at a time sets it
@@ -360,6 +365,47 @@ class HFTokenizer(Tokenizer):
         )
         # Ids stay as the file numbers them even if two tokens share a spelling.
         tokenizer.vocab_size = max(tokenizer.vocab_size, len(tokens))
+        return tokenizer
+
+    def state(self) -> dict[str, Any]:
+        """Everything `from_state` needs to build this tokenizer again (JSON-serializable; its
+        ``backend_json`` is the backend's own, a few MB): the prepared-weights cache keeps it so that
+        a later start skips rebuilding the vocabulary from a GGUF file."""
+        config = {
+            "added_tokens": [{"id": i, "content": c, "special": i in self._special_ids}
+                             for c, i in sorted(self.special_tokens.items(), key=lambda kv: kv[1])],
+            "model": {"byte_fallback": self._byte_fallback},
+            "decoder": {"type": "ByteLevel"} if self._byte_level else None,
+        }
+        return {
+            "backend_json": self._backend.to_str(),
+            "config": config,
+            "name": self.name,
+            "source": self.source,
+            "bos_id": self.bos_id,
+            "eos_id": self.eos_id,
+            "extra_stop_ids": sorted(i for i in self.stop_ids if i != self.eos_id),
+            "chat_template": self.chat_template,
+            "add_bos": self.add_bos,
+            "meta_chunking": self._meta_chunking,
+            "vocab_size": self.vocab_size,
+        }
+
+    @classmethod
+    def from_state(cls, state: Mapping[str, Any]) -> "HFTokenizer":
+        """The tokenizer `state` describes (see `state`).
+
+        Raises:
+            TokenizerError: the state is incomplete or its JSON cannot be loaded.
+        """
+        try:
+            tokenizer = cls(state["config"], name=state["name"], source=state["source"], bos_id=state["bos_id"],
+                            eos_id=state["eos_id"], extra_stop_ids=state["extra_stop_ids"],
+                            chat_template=state["chat_template"], add_bos=state["add_bos"],
+                            meta_chunking=state["meta_chunking"], backend_json=state["backend_json"])
+            tokenizer.vocab_size = int(state["vocab_size"])
+        except (KeyError, TypeError, ValueError) as e:
+            raise TokenizerError(f"a saved tokenizer state is incomplete or malformed: {e!r}") from e
         return tokenizer
 
     # --------------------------------------------------------------- interface
