@@ -148,3 +148,41 @@ def test_a_decoder_built_before_the_weights_move_keeps_working():
     after, _ = run_steps(fused, model, ids, torch.arange(2))
     assert torch.equal(before, after)
     assert torch.equal(run_steps(FusedDecode(model), model, ids, torch.arange(2))[0], before)
+
+
+@torch.inference_mode()
+def test_prompt_rows_equal_token_by_token_steps_bit_for_bit():
+    """`FusedDecode.rows`: a prompt fed whole, in chunks, or mixed with another sequence's rows leaves
+    the same keys/values and gives the same logits as one decode step per token: what makes the
+    engine's prefix reuse exact."""
+    model = quantized_tiny("int4", seed=6)
+    fused = FusedDecode(model)
+    V = model.args.vocab_size
+    ids = torch.randint(0, V, (2, 13), generator=torch.Generator().manual_seed(7))
+    steps, step_caches = run_steps(fused, model, ids, torch.tensor([1, 3]))  # reference: one token per call
+
+    def rows_call(caches, parts):
+        """parts: [(sequence, start, stop)] in one call; logits of each part's last row."""
+        tok, pos, row, last = [], [], [], []
+        for b, i0, i1 in parts:
+            tok += ids[b, i0:i1].tolist()
+            pos += list(range(i0, i1))
+            row += [[1, 3][b]] * (i1 - i0)
+            last.append(len(tok) - 1)
+        out = fused.rows(torch.tensor(tok), torch.tensor(pos), torch.tensor(row), caches, torch.tensor(last))
+        assert out.shape == (len(parts), 1, V)
+        return out[:, 0]
+
+    whole = model.new_caches(6, 13)
+    got = rows_call(whole, [(0, 0, 13), (1, 0, 13)])  # both prompts in one call
+    assert torch.equal(got[0], steps[0, -1]) and torch.equal(got[1], steps[1, -1])
+    chunked = model.new_caches(6, 13)
+    rows_call(chunked, [(0, 0, 5)])
+    rows_call(chunked, [(0, 5, 9), (1, 0, 2)])  # another sequence's rows share the call
+    got = rows_call(chunked, [(1, 2, 13), (0, 9, 13)])
+    assert torch.equal(got[1], steps[0, -1]) and torch.equal(got[0], steps[1, -1])
+    for ref, a, b in zip(step_caches, whole, chunked):
+        for x, y, z in ((ref.k, a.k, b.k), (ref.v, a.v, b.v)):
+            assert torch.equal(x, y) and torch.equal(x, z)
+    with pytest.raises(RuntimeError, match="logit row"):
+        fused.rows(torch.tensor([1, 2]), torch.tensor([0, 1]), torch.tensor([0, 0]), whole, torch.tensor([2]))

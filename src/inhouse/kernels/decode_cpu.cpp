@@ -297,15 +297,27 @@ class FusedDecoder : public torch::CustomClassHolder {
     for (auto& x : v) caches_.push_back(x);
   }
 
-  // Logits (B, 1, V) fp32 of the next token of B sequences: token ids (B,), their positions (B,)
-  // and their cache rows (B,), all int64. Writes each token's key/value at its position.
-  at::Tensor step(at::Tensor tokens, at::Tensor positions, at::Tensor rows) {
+  // Logits (n, 1, V) fp32 after B tokens: token ids (B,), their positions (B,) and their cache rows
+  // (B,), all int64; `logit_rows` (n,) int64 says which of the B rows need logits, in that order (empty: all).
+  // Writes each token's key/value at its position before any row attends, so rows of one sequence
+  // at consecutive positions (a prompt chunk) each attend to the ones before them, as in a causal
+  // forward: a row's result depends only on its sequence's tokens up to it, not on which other rows
+  // share the call.
+  at::Tensor step(at::Tensor tokens, at::Tensor positions, at::Tensor rows, at::Tensor logit_rows) {
     TORCH_CHECK(!kc_.empty(), "FusedDecoder.step: set_caches first");
     const int64_t B = tokens.numel();
     for (const at::Tensor* x : {&tokens, &positions, &rows}) {
       TORCH_CHECK(x->scalar_type() == at::kLong && x->numel() == B, "FusedDecoder.step: tokens, positions and rows must be ",
                   B, " int64 values each");
     }
+    TORCH_CHECK(logit_rows.scalar_type() == at::kLong && logit_rows.dim() == 1, "FusedDecoder.step: logit_rows must be a 1-d int64 tensor");
+    const at::Tensor lr = logit_rows.contiguous();
+    std::vector<int64_t> out_rows(lr.data_ptr<int64_t>(), lr.data_ptr<int64_t>() + lr.numel());
+    if (out_rows.empty()) {
+      for (int64_t b = 0; b < B; ++b) out_rows.push_back(b);
+    }
+    for (const int64_t r : out_rows) TORCH_CHECK(r >= 0 && r < B, "FusedDecoder.step: logit row ", r, " is outside [0, ", B, ")");
+    const int64_t n_out = static_cast<int64_t>(out_rows.size());
     const at::Tensor tk = tokens.contiguous(), ps = positions.contiguous(), rw = rows.contiguous();
     const int64_t* tok = tk.data_ptr<int64_t>();
     const int64_t* pos = ps.data_ptr<int64_t>();
@@ -319,7 +331,7 @@ class FusedDecoder : public torch::CustomClassHolder {
                   cache_rows_, ")");
       max_pos = std::max(max_pos, pos[b]);
     }
-    at::Tensor logits = at::empty({B, 1, V_}, at::TensorOptions().dtype(at::kFloat));
+    at::Tensor logits = at::empty({n_out, 1, V_}, at::TensorOptions().dtype(at::kFloat));
     float* lg = logits.data_ptr<float>();
     const int64_t qd = H_ * hd_, kvd = KH_ * hd_, qkv = qd + 2 * kvd, kmax = std::max(F_, std::max(D_, qd));
     const int64_t g16 = (kmax / kGroup + 15) / 16 * 16, half = hd_ / 2;
@@ -327,7 +339,7 @@ class FusedDecoder : public torch::CustomClassHolder {
     qkv_.resize(B * qkv);
     y_.resize(B * qd);
     g_.resize(B * F_);
-    top_.resize(B * k_);
+    top_.resize(n_out * k_);
     const int T = std::max(1, at::get_num_threads());
     if (static_cast<int>(scratch_.size()) < T) scratch_.resize(T);
     for (int t = 0; t < T; ++t) {
@@ -347,13 +359,13 @@ class FusedDecoder : public torch::CustomClassHolder {
     {
       const int t = omp_get_thread_num(), nt = omp_get_num_threads();
       Scratch& sc = scratch_[t];
-      auto quantize = [&](const float* x, int64_t K) -> Act {  // B rows of K, stride K
-        for (int64_t b = 0; b < B; ++b) quantize_row(x + b * K, K, sc.q.data() + b * K, sc.scales.data() + b * g16, sc.sums.data() + b * g16);
+      auto quantize = [&](const float* x, int64_t K, int64_t M) -> Act {  // M rows of K, stride K
+        for (int64_t b = 0; b < M; ++b) quantize_row(x + b * K, K, sc.q.data() + b * K, sc.scales.data() + b * g16, sc.sums.data() + b * g16);
         return Act{sc.q.data(), sc.scales.data(), sc.sums.data(), K, g16};
       };
       auto norm_and_quantize = [&](const float* w) -> Act {
         for (int64_t b = 0; b < B; ++b) rms_norm(h_.data() + b * D_, w, D_, eps_, sc.xn.data() + b * D_);
-        return quantize(sc.xn.data(), D_);
+        return quantize(sc.xn.data(), D_, B);
       };
       // RoPE angles of each row (the same in every layer): positions * inv_freq in fp32, as the model
       for (int64_t b = 0; b < B; ++b) {
@@ -408,7 +420,7 @@ class FusedDecoder : public torch::CustomClassHolder {
         }
 #pragma omp barrier
         // h += wo y
-        a = quantize(y_.data(), qd);
+        a = quantize(y_.data(), qd, B);
         share(D_, t, nt, n0, n1);
         linear_rows(L.wo, n0, n1, a, B, sc.tmp.data(), D_);
         for (int64_t b = 0; b < B; ++b)
@@ -430,20 +442,22 @@ class FusedDecoder : public torch::CustomClassHolder {
         }
 #pragma omp barrier
         // h += w2 g
-        a = quantize(g_.data(), F_);
+        a = quantize(g_.data(), F_, B);
         share(D_, t, nt, n0, n1);
         linear_rows(L.w2, n0, n1, a, B, sc.tmp.data(), D_);
         for (int64_t b = 0; b < B; ++b)
           for (int64_t n = n0; n < n1; ++n) h_[b * D_ + n] += sc.tmp[b * D_ + n];
 #pragma omp barrier
       }
-      // the vocabulary: an int8 pass, then each row's top k recomputed from the bf16 rows
-      Act a = norm_and_quantize(final_norm_);
+      // the vocabulary, for the rows that need logits: an int8 pass, then each row's top k
+      // recomputed from the bf16 rows
+      for (int64_t i = 0; i < n_out; ++i) rms_norm(h_.data() + out_rows[i] * D_, final_norm_, D_, eps_, sc.xn.data() + i * D_);
+      Act a = quantize(sc.xn.data(), D_, n_out);
       int64_t n0, n1;
       share(V_, t, nt, n0, n1);
-      linear_rows(out_, n0, n1, a, B, lg, V_);
+      linear_rows(out_, n0, n1, a, n_out, lg, V_);
 #pragma omp barrier
-      for (int64_t b = t; b < B; b += nt) {
+      for (int64_t b = t; b < n_out; b += nt) {
         int64_t* top = top_.data() + b * k_;
         top_k(lg + b * V_, V_, k_, top);
         const float* x = sc.xn.data() + b * D_;

@@ -30,6 +30,7 @@ from inhouse.model.transformer import RMSNorm, Transformer
 
 logger = logging.getLogger("inhouse.model")
 
+_ALL_ROWS = torch.zeros(0, dtype=torch.long)  # FusedDecoder.step's logit_rows: every row
 LINEARS = ("attention.wq", "attention.wk", "attention.wv", "attention.wo",
            "feed_forward.w1", "feed_forward.w3", "feed_forward.w2")  # the order FusedDecoder.add_layer takes
 
@@ -134,4 +135,28 @@ class FusedDecode:
         if cache_rows is None:
             cache_rows = torch.arange(B)
         self._bind(caches)
-        return self._decoder.step(tokens.reshape(B), input_pos.reshape(B), cache_rows.reshape(B))
+        return self._decoder.step(tokens.reshape(B), input_pos.reshape(B), cache_rows.reshape(B), _ALL_ROWS)
+
+    def rows(self, tokens: torch.Tensor, positions: torch.Tensor, cache_rows: torch.Tensor, caches: list[KVCache],
+             logit_rows: torch.Tensor) -> torch.Tensor:
+        """Compute R tokens of any sequences in one call; logits (n, 1, V) fp32 of `logit_rows`.
+
+        `tokens`, `positions` and `cache_rows` are (R,) int64: the r-th token is at `positions[r]`
+        of cache row `cache_rows[r]`. Several rows may belong to one sequence (a prompt chunk, at
+        consecutive positions): every row's key/value is written first, then each row attends to
+        its sequence's positions up to its own, so a row's result depends only on its sequence's
+        tokens up to it. It is computed exactly as a decode step of that token would compute it
+        (the same per-row kernels), whatever else shares the call: a prompt fed this way, whole,
+        in chunks, or token by token, leaves bit-identical keys and values in the cache.
+
+        Args:
+            logit_rows: (n,) int64, which rows need logits (the vocabulary pass is a fifth of a
+                row's cost); the logits come back in that order.
+
+        Raises:
+            ValueError: the model's layers were swapped (LoRA): the fused step no longer applies.
+        """
+        if self.model.__dict__.get("layers_changed"):
+            raise ValueError("the fused decode step does not run a model whose layers were swapped")
+        self._bind(caches)
+        return self._decoder.step(tokens, positions, cache_rows, logit_rows)
