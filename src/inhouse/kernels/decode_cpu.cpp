@@ -6,7 +6,9 @@
 // dispatch and thread fork/join on top of its bytes, which is more than the bytes themselves. Here
 // the whole step (embedding, 30 layers, final norm, vocabulary projection) runs inside one OpenMP
 // parallel region: the threads split each matrix by output rows and meet at a barrier between
-// phases (four or five per layer), so the step costs about what its weights take to read.
+// phases (five per layer), so the step costs about what its weights take to read. The
+// same call also runs prompt chunks, as rows at consecutive positions of one sequence
+// (`FusedDecode.rows`).
 //
 // The arithmetic is the eager model's (inhouse/model/transformer.py with Int4Linear/Int8Linear
 // and RescoredOutput): fp32 residual stream and norms, activations quantized to int16 per group of
@@ -24,7 +26,9 @@
 #include <torch/custom_class.h>
 #include <torch/library.h>
 
+#include <atomic>
 #include <cstring>
+#include <memory>
 #include <limits>
 #include <vector>
 
@@ -112,6 +116,21 @@ void linear_rows(const Linear& L, int64_t n0, int64_t n1, const Act& a, int64_t 
         }
       }
     }
+  }
+}
+
+// Work handed out in chunks to whichever thread asks next (attention: a few dozen (row, head)
+// units of uneven length). Which thread computes a unit never changes how it is computed.
+struct alignas(64) Counter {
+  std::atomic<int64_t> next{0};
+};
+
+template <typename F>
+inline void for_chunks(Counter& c, int64_t N, int64_t chunk, const F& f) {
+  for (;;) {
+    const int64_t n0 = c.next.fetch_add(chunk, std::memory_order_relaxed);
+    if (n0 >= N) return;
+    f(n0, std::min(n0 + chunk, N));
   }
 }
 
@@ -354,10 +373,31 @@ class FusedDecoder : public torch::CustomClassHolder {
       s.sums.assign(B * g16, 0.0f);
     }
     const float scale = 1.0f / std::sqrt(static_cast<float>(hd_));
+    // Rows of one sequence (a prompt chunk) read each other's keys/values: written in a phase of
+    // their own, before a barrier. Otherwise each (row, kv head) writes its own and attends at once.
+    bool shared_rows = false;
+    {
+      std::vector<int64_t> seen(row, row + B);
+      std::sort(seen.begin(), seen.end());
+      shared_rows = std::adjacent_find(seen.begin(), seen.end()) != seen.end();
+    }
+    const int64_t n_counters = static_cast<int64_t>(layers_.size());
+    if (n_counters_ < n_counters) {
+      counters_.reset(new Counter[n_counters]);
+      n_counters_ = n_counters;
+    }
+    for (int64_t i = 0; i < n_counters; ++i) counters_[i].next.store(0, std::memory_order_relaxed);
 
 #pragma omp parallel num_threads(T)
     {
       const int t = omp_get_thread_num(), nt = omp_get_num_threads();
+      // A matrix's output rows: a fixed share per thread, one sequential stream each (decode is
+      // bound by memory bandwidth, and chunks handed out in turn would break the prefetch streams).
+      auto rows_of = [&](int64_t N, const auto& f) {
+        int64_t n0, n1;
+        share(N, t, nt, n0, n1);
+        if (n0 < n1) f(n0, n1);
+      };
       Scratch& sc = scratch_[t];
       auto quantize = [&](const float* x, int64_t K, int64_t M) -> Act {  // M rows of K, stride K
         for (int64_t b = 0; b < M; ++b) quantize_row(x + b * K, K, sc.q.data() + b * K, sc.scales.data() + b * g16, sc.sums.data() + b * g16);
@@ -385,21 +425,22 @@ class FusedDecoder : public torch::CustomClassHolder {
 #pragma omp barrier
       for (size_t l = 0; l < layers_.size(); ++l) {
         const Layer& L = layers_[l];
+        Counter& units = counters_[l];
         // q, k, v: one quantized input, the three matrices' rows split as one
         Act a = norm_and_quantize(L.attn_norm);
-        int64_t n0, n1;
-        share(qkv, t, nt, n0, n1);
         const Linear* segs[3] = {&L.wq, &L.wk, &L.wv};
-        int64_t off = 0;
-        for (const Linear* sg : segs) {
-          const int64_t s0 = std::max(n0, off) - off, s1 = std::min(n1, off + sg->N) - off;
-          linear_rows(*sg, s0, s1, a, B, qkv_.data() + off, qkv);
-          off += sg->N;
-        }
+        rows_of(qkv, [&](int64_t n0, int64_t n1) {
+          int64_t off = 0;
+          for (const Linear* sg : segs) {
+            const int64_t s0 = std::max(n0, off) - off, s1 = std::min(n1, off + sg->N) - off;
+            linear_rows(*sg, s0, s1, a, B, qkv_.data() + off, qkv);
+            off += sg->N;
+          }
+        });
 #pragma omp barrier
-        // keys and values of the new tokens into the cache (keys rotated)
-        for (int64_t u = t; u < B * KH_; u += nt) {
-          const int64_t b = u / KH_, j = u % KH_;
+        // keys and values of the new tokens into the cache (keys rotated); attention, one query head
+        // at a time
+        auto write_kv = [&](int64_t b, int64_t j) {
           float* kr = qkv_.data() + b * qkv + qd + j * hd_;
           const float* vr = qkv_.data() + b * qkv + qd + kvd + j * hd_;
           rope(kr, sc.cs.data() + b * hd_, sc.cs.data() + b * hd_ + half, hd_);
@@ -408,54 +449,65 @@ class FusedDecoder : public torch::CustomClassHolder {
             kc_[l][at_ + d] = to_bf16(kr[d]);
             vc_[l][at_ + d] = to_bf16(vr[d]);
           }
-        }
-#pragma omp barrier
-        // attention, one query head at a time
-        for (int64_t u = t; u < B * H_; u += nt) {
-          const int64_t b = u / H_, hh = u % H_, j = hh / (H_ / KH_);
+        };
+        auto attend = [&](int64_t b, int64_t hh) {
+          const int64_t j = hh / (H_ / KH_);
           float* qr = qkv_.data() + b * qkv + hh * hd_;
           rope(qr, sc.cs.data() + b * hd_, sc.cs.data() + b * hd_ + half, hd_);
           const int64_t c0 = (row[b] * KH_ + j) * cache_len_ * hd_;
           attend_head(qr, kc_[l] + c0, vc_[l] + c0, pos[b] + 1, hd_, scale, sc.scores.data(), y_.data() + b * qd + hh * hd_);
+        };
+        if (shared_rows) {
+          for (int64_t u = t; u < B * KH_; u += nt) write_kv(u / KH_, u % KH_);
+#pragma omp barrier
+          for_chunks(units, B * H_, 1, [&](int64_t u, int64_t) { attend(u / H_, u % H_); });
+        } else {  // each (row, kv head): its key/value, then the query heads that read them
+          const int64_t group = H_ / KH_;
+          for_chunks(units, B * KH_, 1, [&](int64_t u, int64_t) {
+            const int64_t b = u / KH_, j = u % KH_;
+            write_kv(b, j);
+            for (int64_t hh = j * group; hh < (j + 1) * group; ++hh) attend(b, hh);
+          });
         }
 #pragma omp barrier
         // h += wo y
         a = quantize(y_.data(), qd, B);
-        share(D_, t, nt, n0, n1);
-        linear_rows(L.wo, n0, n1, a, B, sc.tmp.data(), D_);
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t n = n0; n < n1; ++n) h_[b * D_ + n] += sc.tmp[b * D_ + n];
+        rows_of(D_, [&](int64_t n0, int64_t n1) {
+          linear_rows(L.wo, n0, n1, a, B, sc.tmp.data(), D_);
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t n = n0; n < n1; ++n) h_[b * D_ + n] += sc.tmp[b * D_ + n];
+        });
 #pragma omp barrier
-        // g = silu(w1 x) * (w3 x), this thread's rows of both
+        // g = silu(w1 x) * (w3 x), rows of both at a time
         a = norm_and_quantize(L.ffn_norm);
-        share(F_, t, nt, n0, n1);
-        linear_rows(L.w1, n0, n1, a, B, sc.tmp.data(), F_);
-        linear_rows(L.w3, n0, n1, a, B, sc.tmp2.data(), F_);
-        for (int64_t b = 0; b < B; ++b) {
-          for (int64_t n = n0; n < n1; n += 16) {
-            using namespace simd;
-            const vf x1 = load_n(sc.tmp.data() + b * F_ + n, n1 - n);
-            const vf x3 = load_n(sc.tmp2.data() + b * F_ + n, n1 - n);
-            const vf sig = div(x1, add(set1(1.0f), exp16(sub(zero(), x1))));
-            store_n(g_.data() + b * F_ + n, mul(sig, x3), n1 - n);
+        rows_of(F_, [&](int64_t n0, int64_t n1) {
+          linear_rows(L.w1, n0, n1, a, B, sc.tmp.data(), F_);
+          linear_rows(L.w3, n0, n1, a, B, sc.tmp2.data(), F_);
+          for (int64_t b = 0; b < B; ++b) {
+            for (int64_t n = n0; n < n1; n += 16) {
+              using namespace simd;
+              const vf x1 = load_n(sc.tmp.data() + b * F_ + n, n1 - n);
+              const vf x3 = load_n(sc.tmp2.data() + b * F_ + n, n1 - n);
+              const vf sig = div(x1, add(set1(1.0f), exp16(sub(zero(), x1))));
+              store_n(g_.data() + b * F_ + n, mul(sig, x3), n1 - n);
+            }
           }
-        }
+        });
 #pragma omp barrier
         // h += w2 g
         a = quantize(g_.data(), F_, B);
-        share(D_, t, nt, n0, n1);
-        linear_rows(L.w2, n0, n1, a, B, sc.tmp.data(), D_);
-        for (int64_t b = 0; b < B; ++b)
-          for (int64_t n = n0; n < n1; ++n) h_[b * D_ + n] += sc.tmp[b * D_ + n];
+        rows_of(D_, [&](int64_t n0, int64_t n1) {
+          linear_rows(L.w2, n0, n1, a, B, sc.tmp.data(), D_);
+          for (int64_t b = 0; b < B; ++b)
+            for (int64_t n = n0; n < n1; ++n) h_[b * D_ + n] += sc.tmp[b * D_ + n];
+        });
 #pragma omp barrier
       }
       // the vocabulary, for the rows that need logits: an int8 pass, then each row's top k
       // recomputed from the bf16 rows
       for (int64_t i = 0; i < n_out; ++i) rms_norm(h_.data() + out_rows[i] * D_, final_norm_, D_, eps_, sc.xn.data() + i * D_);
       Act a = quantize(sc.xn.data(), D_, n_out);
-      int64_t n0, n1;
-      share(V_, t, nt, n0, n1);
-      linear_rows(out_, n0, n1, a, n_out, lg, V_);
+      rows_of(V_, [&](int64_t n0, int64_t n1) { linear_rows(out_, n0, n1, a, n_out, lg, V_); });
 #pragma omp barrier
       for (int64_t b = t; b < n_out; b += nt) {
         int64_t* top = top_.data() + b * k_;
@@ -515,6 +567,8 @@ class FusedDecoder : public torch::CustomClassHolder {
   std::vector<float> h_, qkv_, y_, g_;
   std::vector<int64_t> top_;
   std::vector<Scratch> scratch_;
+  std::unique_ptr<Counter[]> counters_;  // per step: each layer's attention units
+  int64_t n_counters_ = 0;
 };
 
 }  // namespace
