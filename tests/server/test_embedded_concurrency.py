@@ -29,6 +29,7 @@ def embedded_server(request):
     llm = LLM(dtype=request.param, max_num_seqs=16, max_model_len=512)
     assert llm.loaded.quantize == ("int4" if request.param == "auto" else "none")
     with H.ServerThread(H.create_app(llm, max_queue=16)) as s:
+        s.int4 = llm.loaded.quantize == "int4"
         yield s
 
 
@@ -61,3 +62,10 @@ def test_16_concurrent_streams_equal_sequential(embedded_server):
     assert len({text for text, _, _ in sequential}) > 8  # real, different answers
     for topic, seq, conc in zip(TOPICS, sequential, concurrent):
         assert conc == seq, topic
+    # every prompt starts with the template's system prompt and "Write one sentence about": on the
+    # fused path those positions are reused exactly, the first request's and then the others'
+    import httpx
+
+    text = httpx.get(embedded_server.base + "/metrics").text
+    cached = float(text.split("\ninhouse_prompt_tokens_cached_total ")[1].split()[0])
+    assert (cached >= 2 * 15 * 25) if embedded_server.int4 else cached == 0, cached

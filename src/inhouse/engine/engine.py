@@ -8,7 +8,11 @@ up with its token count, running sequences first, then waiting ones, under a tok
 There are no separate prefill and decode phases: a fresh prompt is simply a sequence that is
 far behind (and may catch up over several steps: chunked prefill); a decoding sequence is one
 token behind. Rows that are one token behind run together in one batched forward; longer
-catch-ups run as their own forward so that no row is padded.
+catch-ups run as their own forward so that no row is padded. With the fused native step
+(quantized models on x86-64 CPUs) every row of a step runs in one native call instead: the decode
+rows and the chunks of prompts up to `FUSED_PREFILL_MAX` tokens, each token computed exactly as a
+decode step would compute it, so that a prompt that starts like one a cache row holds starts from
+that row's keys/values (`inhouse.engine.prefix`; outputs unchanged, bit for bit).
 
 LoRA adapters do not change the rule: each request names an adapter (or none, the base model)
 and each forward tells the model, row by row, which adapter slot to apply (an `AdapterBank`,

@@ -521,10 +521,23 @@ class FusedDecoder : public torch::CustomClassHolder {
         }
       }
     }
+    if (B > kKeepScratchRows) release_scratch();  // a prompt's rows: do not keep ~40 KB per row resident
     return logits;
   }
 
  private:
+  static constexpr int64_t kKeepScratchRows = 64;
+
+  void release_scratch() {
+    for (std::vector<float>* v : {&h_, &qkv_, &y_, &g_}) std::vector<float>().swap(*v);
+    for (Scratch& sc : scratch_) {
+      for (std::vector<float>* v : {&sc.xn, &sc.tmp, &sc.tmp2, &sc.scores, &sc.cs, &sc.scales, &sc.sums}) {
+        std::vector<float>().swap(*v);
+      }
+      std::vector<int16_t>().swap(sc.q);
+    }
+  }
+
   void check_f32(const at::Tensor& x, int64_t n, const char* what) {
     TORCH_CHECK(x.scalar_type() == at::kFloat && x.is_contiguous() && x.numel() == n, "FusedDecoder: ", what,
                 " must be ", n, " contiguous fp32 values");

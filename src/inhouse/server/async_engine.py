@@ -89,6 +89,7 @@ class EngineStats:
     kv_tokens: int = 0
     kv_capacity_tokens: int = 0
     kv_allocated_bytes: int = 0
+    prompt_tokens_reused: int = 0
     steps: int = 0
     alive: bool = True
 
@@ -234,6 +235,7 @@ class AsyncEngine:
         s.running_seqs = sum(len(r.seqs) for r in e.running)
         s.kv_tokens = sum(seq.num_computed for r in e.running for seq in r.seqs)
         s.kv_allocated_bytes = sum(c.k.numel() * c.k.element_size() * 2 for c in e.caches)
+        s.prompt_tokens_reused = getattr(e, "prompt_tokens_reused", 0)
 
     def _run(self) -> None:
         logger.debug("engine thread started")

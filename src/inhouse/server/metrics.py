@@ -68,6 +68,12 @@ class Gauge:
         yield f"{self.name} {_num(self.read())}"
 
 
+class CounterReading(Gauge):
+    """A count kept elsewhere (by the engine), read at scrape time."""
+
+    kind = "counter"
+
+
 class Histogram:
     """Observations counted into cumulative buckets, with their sum and count."""
 
@@ -137,6 +143,9 @@ class ServerMetrics:
             Gauge("inhouse_kv_cache_allocated_bytes", "Bytes allocated for keys and values.", stat("kv_allocated_bytes")),
             Gauge("inhouse_max_num_seqs", "Cache rows (sequences decoded together).", lambda: float(max_num_seqs)),
             Gauge("inhouse_queue_limit", "Sequences allowed to wait beyond the running ones.", lambda: float(queue_limit)),
+            CounterReading("inhouse_prompt_tokens_cached_total",
+                           "Prompt tokens whose keys/values were taken from a cache row holding the same prefix "
+                           "(exact prefix reuse) instead of being computed.", stat("prompt_tokens_reused")),
         ]
 
     def render(self) -> str:
