@@ -146,7 +146,7 @@ def main() -> int:
     ap.add_argument("--max-tokens", type=int, default=64)
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 2, help="CPU threads for llama.cpp's server")
     ap.add_argument("--inhouse-threads", type=int, default=None,
-                    help="model threads of inhouse serve (default: its own, all cores but one)")
+                    help="model threads of inhouse serve (default: its own, all cores)")
     ap.add_argument("--inhouse-dtype", default="auto", help="auto: the default path (4-bit weights for a Q4 file)")
     ap.add_argument("--inhouse-compile", action="store_true", help="serve with the compiled decode step (--compile)")
     ap.add_argument("--max-num-seqs", type=int, default=16)
@@ -191,7 +191,7 @@ def main() -> int:
             "--port", str(port), "--host", "127.0.0.1", "-a", "m"], "/health")
     print(f"model: {os.path.basename(args.model)}; {args.rounds} requests per client, {args.max_tokens} new tokens "
           f"each, greedy; llama.cpp {args.threads} threads, inhouse "
-          f"{args.inhouse_threads or 'default (all cores but one)'} threads; inhouse dtype {args.inhouse_dtype}")
+          f"{args.inhouse_threads or 'default (all cores)'} threads; inhouse dtype {args.inhouse_dtype}")
     print("| server | clients | aggregate tok/s | TTFT p50 (s) | TTFT p99 (s) | requests | tokens |")
     print("|---|---:|---:|---:|---:|---:|---:|")
     for r in rows:

@@ -116,8 +116,7 @@ def build_parser() -> argparse.ArgumentParser:
                         "different adapters and the base model share batches")
     s.add_argument("--max-loras", type=int, default=8, help="adapters resident at once (default: 8)")
     s.add_argument("--threads", type=int, default=None,
-                   help="CPU threads for the model (default: all cores but one, which the HTTP side and the "
-                        "clients need: with every core busy computing, each step waits on a descheduled thread)")
+                   help="CPU threads for the model (default: all cores)")
     _add_model_args(s)
     s.set_defaults(func=cmd_serve)
 

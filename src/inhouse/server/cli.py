@@ -56,18 +56,19 @@ def parse_adapter_specs(specs: Optional[list[str]]) -> list[tuple[str, str]]:
 
 
 def serve_threads(requested: Optional[int]) -> int:
-    """Threads for the model's CPU work: `requested`, else every core this process may use but one.
+    """Threads for the model's CPU work: `requested`, else every core this process may use.
 
-    Measured on 2 cores (benchmarks/serve_bench.py, embedded model): with 2 model threads one
-    streaming client got 20.7 tok/s, with 1 thread 36.5 tok/s — the event loop and the clients
-    need a core, and a parallel step waits on whichever thread the OS descheduled.
+    Measured on 2 cores (benchmarks/serve_bench.py, embedded model, with every step one native call):
+    2 model threads gave 167-173 / 199-211 tok/s at 4 / 16 clients against 130-141 / 123-134 with 1,
+    and the same at 1 client (78-84). (When each step was hundreds of small operations, one thread
+    was better: the event loop displaced a thread that every barrier then waited for.)
     """
     if requested is not None:
         if requested < 1:
             raise ValueError(f"--threads={requested} must be at least 1")
         return requested
     cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    return max(1, cores - 1)
+    return max(1, cores)
 
 
 def run_serve(a: argparse.Namespace) -> int:
