@@ -308,9 +308,11 @@ class Engine:
         self._ensure_cache_len(max(s.num_computed + k for s, k in work))
 
         updates: list[SeqUpdate] = []
-        fused = [(s, k) for s, k in work if self._runs_fused(s, k)]
-        singles = [(s, k) for s, k in work if k == 1 and not self._runs_fused(s, k)]
-        chunks = [(s, k) for s, k in work if k > 1 and not self._runs_fused(s, k)]
+        fused: list[tuple[Sequence, int]] = []
+        singles: list[tuple[Sequence, int]] = []
+        chunks: list[tuple[Sequence, int]] = []
+        for s, k in work:
+            (fused if self._runs_fused(s, k) else singles if k == 1 else chunks).append((s, k))
         for seq, k in chunks:
             logits = self._forward([seq], k, want_all=seq.request.params.prompt_logprobs is not None)
             updates += self._after_forward([seq], logits)

@@ -478,7 +478,7 @@ class FusedDecoder : public torch::CustomClassHolder {
             for (int64_t n = n0; n < n1; ++n) h_[b * D_ + n] += sc.tmp[b * D_ + n];
         });
 #pragma omp barrier
-        // g = silu(w1 x) * (w3 x), rows of both at a time
+        // g = silu(w1 x) * (w3 x), this thread's rows of both
         a = norm_and_quantize(L.ffn_norm);
         rows_of(F_, [&](int64_t n0, int64_t n1) {
           linear_rows(L.w1, n0, n1, a, B, sc.tmp.data(), F_);
