@@ -138,9 +138,7 @@ def test_the_cache_can_be_turned_off(model_file, tmp_path, monkeypatch):
 
 
 def test_no_entry_without_the_native_layout_or_for_unquantized_runs(model_file, cache, monkeypatch):
-    import inhouse.model.quant as quant
-
-    monkeypatch.setattr(quant, "native_kernel_fits", lambda k: False)
+    monkeypatch.setenv("INHOUSE_NATIVE_KERNELS", "0")
     assert prepared.entry_key(model_file, "auto", "auto") is None
     monkeypatch.undo()
     monkeypatch.setenv("INHOUSE_WEIGHT_CACHE", str(cache))

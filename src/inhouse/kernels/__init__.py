@@ -91,6 +91,12 @@ def cpu_isa(flags: Optional[AbstractSet[str]] = None) -> Optional[str]:
     return have[0] if have else None
 
 
+def native_kernels_possible() -> bool:
+    """Whether this machine and configuration could use the native kernels (CPU, platform,
+    settings), without building or loading them (`native_kernels_available` does that)."""
+    return _why_not() is None
+
+
 def _why_not() -> Optional[str]:
     if os.environ.get("INHOUSE_NATIVE_KERNELS", "1") == "0":
         return "INHOUSE_NATIVE_KERNELS=0"

@@ -85,12 +85,12 @@ def _source_id(path: str) -> dict[str, Any]:
 
 def entry_key(path: str, dtype: Any, quantize: Any) -> Optional[str]:
     """The key of `path` loaded with these (as asked) dtype and quantize options, or None where no
-    entry can apply: the cache is off, the file cannot be read, or the native kernels are not used
-    here (only their weight layout is portable between runs)."""
-    from inhouse.kernels import cpu_isa
-    from inhouse.model.quant import native_kernel_fits
+    entry can apply: the cache is off, the file cannot be read, or the native kernels cannot run
+    here (only their weight layout is portable between runs). Builds nothing: an unquantized run
+    must not wait for the kernels to compile."""
+    from inhouse.kernels import cpu_isa, native_kernels_possible
 
-    if cache_dir() is None or not native_kernel_fits(64):
+    if cache_dir() is None or not native_kernels_possible():
         return None
     try:
         source = _source_id(path)
