@@ -412,15 +412,18 @@ class Engine:
     def _fused_ok(self) -> bool:
         return self._fused is not None and not self.model.__dict__.get("layers_changed")
 
+    def _fused_for(self, req: Request) -> bool:
+        """Whether `req`'s rows can run on the fused step (the base model, no prompt logprobs)."""
+        return self._fused_ok() and req.adapter is None and req.params.prompt_logprobs is None
+
     def _prefills_fused(self, req: Request) -> bool:
         """Whether `req`'s prompt runs through the fused step's rows (decided once per request, from
         the request alone: a prompt's arithmetic never depends on what else is running)."""
-        return (self._fused_ok() and req.adapter is None and req.params.prompt_logprobs is None
-                and len(req.prompt_token_ids) <= FUSED_PREFILL_MAX)
+        return self._fused_for(req) and len(req.prompt_token_ids) <= FUSED_PREFILL_MAX
 
     def _runs_fused(self, seq: Sequence, k: int) -> bool:
         if k == 1:  # decode rows (and a long prompt's last token, as before)
-            return self._fused_ok() and seq.request.adapter is None and seq.request.params.prompt_logprobs is None
+            return self._fused_for(seq.request)
         return seq.num_computed < seq.n_prompt and self._prefills_fused(seq.request)
 
     def _forward_rows(self, work: list[tuple[Sequence, int]]) -> torch.Tensor:

@@ -41,7 +41,7 @@ from torch import nn
 
 from inhouse.config import ModelArgs, RopeScaling
 from inhouse.model.arena import aligned, huge_page_block
-from inhouse.model.quant import Int4Linear, Int8Linear, RescoredOutput
+from inhouse.model.quant import Int4Linear, Int8Linear, RescoredOutput, _set
 from inhouse.model.transformer import Transformer
 from inhouse.tokenizer.hf import HFTokenizer
 
@@ -257,8 +257,7 @@ def _build(manifest: dict[str, Any], block: torch.Tensor) -> Transformer:
                                nn.Parameter(torch.empty(0, device="meta"), requires_grad=False), spec["k"])
         else:
             m = cls(spec["in"], spec["out"], device=torch.device("meta"), native=True)
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, m)
+        _set(model, name, m)
     for m in model.modules():
         if type(m) is RescoredOutput:  # its sizes are its int8 pass's
             m.in_features, m.out_features = m.approx.in_features, m.approx.out_features
@@ -276,8 +275,7 @@ def _build(manifest: dict[str, Any], block: torch.Tensor) -> Transformer:
             raise ValueError(f"{e['name']} is not a buffer of the rebuilt model")
         objects[e["name"]] = t
     for name, target in manifest["aliases"].items():
-        parent, _, leaf = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, leaf, objects[target])
+        _set(model, name, objects[target])
     left = [n for n, t in list(model.named_parameters()) + list(model.named_buffers()) if t.is_meta]
     if left:
         raise ValueError(f"the entry has no tensor for {', '.join(left[:4])}")
