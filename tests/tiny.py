@@ -33,3 +33,39 @@ def write_random_adapter(model: Transformer, out, targets: str, rank: int, seed:
         for m in lora_modules(model).values():
             m.lora_b.weight.copy_(torch.randn(m.lora_b.weight.shape, generator=g) * b_std)
     return save_adapter(model, str(out))
+
+
+def _int4_codes(w: torch.Tensor):
+    """`w` (N, K) on a Q4_1-style grid, as the GGUF loader hands such a matrix over."""
+    from inhouse.model.quant import Int4Codes
+
+    n, k = w.shape
+    g = w.view(n, k // 32, 32)
+    lo, hi = g.amin(-1), g.amax(-1)
+    step = ((hi - lo) / 15).clamp(min=1e-6).half()
+    lo = lo.half()
+    codes = torch.round((g - lo.float()[..., None]) / step.float()[..., None]).clamp(0, 15).to(torch.uint8).view(n, k)
+    return Int4Codes(codes, step, lo)
+
+
+def tiny_with_4bit_vocabulary(seed: int = 0):
+    """A tied tiny model loaded the way a GGUF file with a Q4_1 token_embd is: every matrix as 4-bit codes."""
+    import dataclasses
+
+    from inhouse.model.quant import quantize_tensor
+    from inhouse.model.transformer import Transformer
+
+    dense = make_tiny_llama(seed=seed, std=0.3)
+    args = dataclasses.replace(dense.args, tie_embeddings=True)
+    with torch.device("meta"):
+        model = Transformer(args)
+    ref = Transformer(args)  # the same weights, dense fp32: the file's values
+    with torch.no_grad():
+        for name, p in dense.named_parameters():
+            if name == "output.weight":
+                continue
+            value = _int4_codes(p.detach()) if p.dim() == 2 else p.detach()
+            ref.get_parameter(name).copy_(value.dense() if p.dim() == 2 else value)
+            quantize_tensor(model, name, value, "int4")
+    model.inv_freq = ref.inv_freq
+    return model.eval(), ref.eval()

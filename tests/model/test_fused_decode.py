@@ -15,6 +15,7 @@ from inhouse.model.fused_decode import FusedDecode, fused_decode_unsupported
 from inhouse.model.quant import quantize_model
 
 make_tiny_llama = sys.modules["_inhouse_tests_tiny"].make_tiny_llama
+tiny_with_4bit_vocabulary = sys.modules["_inhouse_tests_tiny"].tiny_with_4bit_vocabulary
 
 pytestmark = pytest.mark.skipif(cpu_isa() is None, reason="the native kernels need AVX-512 VNNI or AVX2")
 
@@ -186,3 +187,34 @@ def test_prompt_rows_equal_token_by_token_steps_bit_for_bit():
             assert torch.equal(x, y) and torch.equal(x, z)
     with pytest.raises(RuntimeError, match="logit row"):
         fused.rows(torch.tensor([1, 2]), torch.tensor([0, 1]), torch.tensor([0, 0]), whole, torch.tensor([2]))
+
+
+
+def test_a_4bit_vocabulary_is_the_files_rows_and_runs_fused():
+    from inhouse.model.quant import Int4Embedding, Int4Linear, RescoredOutput
+
+    model, ref = tiny_with_4bit_vocabulary()
+    emb, out = model.tok_embeddings, model.output
+    assert type(emb) is Int4Embedding and type(out) is RescoredOutput and type(out.approx) is Int4Linear
+    assert out.rows is None and emb.weight_q4 is out.approx.weight_q4  # one matrix, not two
+    assert model.dtype == torch.bfloat16
+    ids = torch.randint(0, model.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
+    # the embedding's rows are the file's values, exactly
+    assert torch.equal(emb(ids), ref.tok_embeddings(ids))
+    # logits: the top ones recomputed from those rows, exact to fp32 rounding; the rest within the
+    # int16 activations' rounding
+    with torch.no_grad():
+        h = torch.randn(5, model.args.dim, generator=torch.Generator().manual_seed(4))
+        got, want = out(h), (h.double() @ ref.tok_embeddings.weight.double().T)
+    top = want.topk(8, dim=-1).indices
+    torch.testing.assert_close(got.gather(1, top).double(), want.gather(1, top), rtol=1e-5, atol=1e-5)
+    assert ((got.double() - want).norm() / want.norm()).item() < 1e-4
+    # the fused step reads the same rows
+    assert fused_decode_unsupported(model) is None
+    rows = torch.tensor([1, 3])
+    eager, _ = run_steps(model, model, ids, rows)
+    fused, _ = run_steps(FusedDecode(model), model, ids, rows)
+    scale = eager.abs().max().item()
+    assert (fused[:, 0] - eager[:, 0]).abs().max().item() < 3e-4 * scale
+    assert (fused - eager).abs().max().item() < 3e-3 * scale
+    assert (fused.argmax(-1) == eager.argmax(-1)).float().mean().item() >= 0.95

@@ -9,15 +9,40 @@ import pytest
 import torch
 
 from inhouse.kernels import cpu_isa, native_kernels_available
-from inhouse.model.quant import Int4Linear, Int8Linear
+from inhouse.model.quant import Int4Linear, Int8Linear, native_order
 
 pytestmark = pytest.mark.skipif(cpu_isa() is None, reason="the native kernels need AVX-512 VNNI or AVX2")
 
 
+def spec_order(k: int) -> list[int]:
+    """The kernels' column order as inhouse/kernels/quant_cpu.h describes it, written out by hand:
+    groups of 32 four at a time (quads), the last two as a pair; quad chunk c holds columns
+    8c..8c+7 of each of its groups, pair chunk c columns 16c..16c+15 of each of its two."""
+    order, g, G = [], 0, k // 32
+    while g + 4 <= G:
+        for c in range(4):
+            for group in range(g, g + 4):
+                order += [32 * group + 8 * c + i for i in range(8)]
+        g += 4
+    if g < G:
+        for c in range(2):
+            for group in (g, g + 1):
+                order += [32 * group + 16 * c + i for i in range(16)]
+    return order
+
+
+@pytest.mark.parametrize("k", [64, 128, 192, 576, 1536])
+def test_native_order_is_the_documented_one(k):
+    order, inverse = native_order(k)
+    assert order.tolist() == spec_order(k)
+    assert torch.equal(order[inverse], torch.arange(k))
+
+
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """(N, K) codes -> the kernel's layout: per 64 columns, 32 bytes, low nibble j, high nibble 32 + j."""
+    """(N, K) codes -> the kernel's layout: the columns in chunk order, then per 64 of them 32 bytes
+    (low nibble: column j, high nibble: column 32 + j)."""
     n, k = codes.shape
-    c = codes.view(n, k // 64, 2, 32)
+    c = codes[:, spec_order(k)].reshape(n, k // 64, 2, 32)
     return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
@@ -35,7 +60,7 @@ def test_kernels_build_and_load_here():
     assert hasattr(torch.ops.inhouse, "int4_mm") and hasattr(torch.ops.inhouse, "int8_mm")
 
 
-@pytest.mark.parametrize("n,k", [(200, 64), (576, 576), (96, 1536)])
+@pytest.mark.parametrize("n,k", [(200, 64), (576, 576), (96, 1536), (40, 192)])
 @pytest.mark.parametrize("m", [1, 2, 3, 4, 5, 8])  # every row-block size of the kernel (4, 3, 2, 1)
 def test_int4_mm_matches_float64(n, k, m):
     assert native_kernels_available()
@@ -59,6 +84,7 @@ def test_int8_mm_matches_float64(m):
     scales = torch.rand(300, generator=g) * 0.01 + 1e-3
     x = torch.randn(m, 576, generator=g)
     ref = x.double() @ (q.double() * scales.double()[:, None]).T
+    q = q[:, spec_order(576)].contiguous()  # the kernel's column order
     y = torch.ops.inhouse.int8_mm(x, q, scales)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-4
     for i in range(m):

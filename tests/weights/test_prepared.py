@@ -144,3 +144,24 @@ def test_no_entry_without_the_native_layout_or_for_unquantized_runs(model_file, 
     monkeypatch.setenv("INHOUSE_WEIGHT_CACHE", str(cache))
     open_model(model_file, quantize="none")  # nothing to gain: the file's tensors are used as they are
     assert _entries(cache) == []
+
+
+@needs_native
+def test_a_4bit_embedding_comes_back_as_the_same_shared_rows(model_file, cache):
+    """A model whose tied embedding is 4-bit (a Q4_1 token_embd): the entry rebuilds the
+    `Int4Embedding` and the output's pass on one matrix, bit for bit."""
+    import sys
+
+    model, _ = sys.modules["_inhouse_tests_tiny"].tiny_with_4bit_vocabulary()
+    tokenizer = open_model(model_file).tokenizer
+    key = prepared.entry_key(model_file, torch.bfloat16, "int4")
+    assert prepared.save(key, model, tokenizer, source=model_file, dtype=torch.bfloat16, quantize="int4")
+    back = prepared.load(key, model_file).model
+    assert repr(back) == repr(model)
+    assert back.tok_embeddings.weight_q4 is back.output.approx.weight_q4 and back.output.rows is None
+    assert back.dtype == torch.bfloat16
+    a, b = _tensors(model), _tensors(back)
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    ids = torch.tensor([[5, 17, 99, 1000]])
+    with torch.no_grad():
+        assert torch.equal(model(ids), back(ids))

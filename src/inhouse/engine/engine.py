@@ -39,9 +39,11 @@ from inhouse.engine.params import SamplingParams
 from inhouse.engine.prefix import PrefixIndex
 from inhouse.model.arena import move_to_huge_pages
 from inhouse.model.fused_decode import FusedDecode, fused_decode_unsupported
+from inhouse.model.kv_cache import lazy_zeros_possible
 from inhouse.model.transformer import Transformer
 from inhouse.tokenizer.base import Tokenizer
 from inhouse.tokenizer.detokenizer import IncrementalDetokenizer
+from inhouse.weights.memory import available_bytes
 
 if TYPE_CHECKING:
     from inhouse.finetune.adapters import AdapterBank
@@ -163,10 +165,10 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._free_slots = list(range(max_num_seqs))
         self._last_sampling: Optional[tuple[list[SamplingParams], sampling.SamplingTensors]] = None
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.device
         if self.device.type == "cpu":  # decode steps stream every weight: fewer TLB misses (see arena.py)
             move_to_huge_pages(model)
-        self.caches = model.new_caches(max_num_seqs, min(max_model_len, 256))
+        self.caches = model.new_caches(max_num_seqs, self._initial_cache_len(model, max_num_seqs, max_model_len))
         self.adapters = adapters
         self._compiled = None
         if compile:
@@ -377,6 +379,16 @@ class Engine:
         elif req in self.waiting:
             self.waiting.remove(req)
         self.requests.pop(req.request_id, None)
+
+    def _initial_cache_len(self, model, max_num_seqs: int, max_model_len: int) -> int:
+        """The whole context at once where cache memory becomes resident only as it is written
+        (`kv_cache.zeros`) and fits in memory even if every slot fills; otherwise 256 positions,
+        doubled as sequences grow (each growth writes the whole new cache)."""
+        a = model.args
+        nbytes = 2 * a.n_layers * max_num_seqs * a.n_kv_heads * max_model_len * a.head_dim * model.dtype.itemsize
+        if lazy_zeros_possible(self.device) and nbytes <= available_bytes():
+            return max_model_len
+        return min(max_model_len, 256)
 
     def _ensure_cache_len(self, needed: int) -> None:
         cur = self.caches[0].max_len

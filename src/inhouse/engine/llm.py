@@ -89,7 +89,7 @@ class LLM:
                    compile: bool = False, max_loras: int = 8) -> "LLM":
         """Wrap an already-built `Transformer` and `Tokenizer` (no loading)."""
         self = cls.__new__(cls)
-        dtype = model.tok_embeddings.weight.dtype
+        dtype = model.dtype
         loaded = LoadedModel(name, model, tokenizer, model.args, dtype, "memory", None)
         self._setup(loaded, max_model_len=max_model_len, seed=seed, max_num_seqs=max_num_seqs,
                     chat_format=chat_format, chat_template=chat_template,

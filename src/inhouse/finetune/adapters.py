@@ -256,7 +256,7 @@ def load_adapter(model, adapter: Union[str, AdapterSpec]) -> AdapterSpec:
                                f"from the LoRA layers already applied ({sorted(shape)}, {have})")
     else:
         apply_lora(model, spec.targets, rank=spec.rank, alpha=spec.alpha, use_rslora=spec.use_rslora)
-        dev = model.tok_embeddings.weight.device
+        dev = model.device
         for m in lora_modules(model).values():
             m.to(dev)
     _copy_into(model, spec)
@@ -325,7 +325,7 @@ class AdapterBank:
         self.rank = 1  # padded rank of the layers
         self.loads = 0
         self.evictions = 0
-        self.device = model.tok_embeddings.weight.device
+        self.device = model.device
 
     # ------------------------------------------------------------------ names
     def add(self, name: str, path: str) -> AdapterSpec:

@@ -162,16 +162,24 @@ inline void rope(float* x, const float* cs, const float* sn, int64_t hd) {
   }
 }
 
-// One query head over S cached positions (bf16 keys/values, rows of hd): y = softmax(q.k * scale) v.
-void attend_head(const float* q, const uint16_t* kc, const uint16_t* vc, int64_t S, int64_t hd, float scale,
-                 float* scores, float* y) {
+// One query head over S cached positions (bf16 keys/values, rows of hd = 16 NV): y = softmax(q.k * scale) v.
+// With NV known at compile time the query and the output stay in registers.
+template <int NV>
+void attend_head_nv(const float* q, const uint16_t* kc, const uint16_t* vc, int64_t S, int64_t hd, float scale,
+                    float* scores, float* y) {
   using namespace simd;
+  const int nv = NV > 0 ? NV : static_cast<int>(hd / 16);
+  constexpr int kRegs = NV > 0 ? NV : 8;
+  vf qv[kRegs], acc[kRegs];
   float mx = -std::numeric_limits<float>::infinity();
+  if (NV > 0) {
+    for (int j = 0; j < nv; ++j) qv[j] = load(q + 16 * j);
+  }
   for (int64_t s = 0; s < S; ++s) {
     const uint16_t* kr = kc + s * hd;
-    vf acc = zero();
-    for (int64_t d = 0; d < hd; d += 16) acc = fmadd(load(q + d), load_bf16(kr + d), acc);
-    scores[s] = reduce_add(acc) * scale;
+    vf a = zero();
+    for (int j = 0; j < nv; ++j) a = fmadd(NV > 0 ? qv[j] : load(q + 16 * j), load_bf16(kr + 16 * j), a);
+    scores[s] = reduce_add(a) * scale;
     mx = std::max(mx, scores[s]);
   }
   const vf vmx = set1(mx);
@@ -188,11 +196,47 @@ void attend_head(const float* q, const uint16_t* kc, const uint16_t* vc, int64_t
     vsum = add(vsum, keep_n(e, S - s));
   }
   const float inv = 1.0f / reduce_add(vsum);
+  if (NV > 0) {
+    for (int j = 0; j < nv; ++j) acc[j] = zero();
+    for (int64_t t = 0; t < S; ++t) {
+      const vf p = set1(scores[t] * inv);
+      const uint16_t* vr = vc + t * hd;
+      for (int j = 0; j < nv; ++j) acc[j] = fmadd(p, load_bf16(vr + 16 * j), acc[j]);
+    }
+    for (int j = 0; j < nv; ++j) store(y + 16 * j, acc[j]);
+    return;
+  }
   for (int64_t d = 0; d < hd; d += 16) store(y + d, zero());
   for (int64_t t = 0; t < S; ++t) {
     const vf p = set1(scores[t] * inv);
     const uint16_t* vr = vc + t * hd;
     for (int64_t d = 0; d < hd; d += 16) store(y + d, fmadd(p, load_bf16(vr + d), load(y + d)));
+  }
+}
+
+void attend_head(const float* q, const uint16_t* kc, const uint16_t* vc, int64_t S, int64_t hd, float scale,
+                 float* scores, float* y) {
+  switch (hd) {
+    case 64: return attend_head_nv<4>(q, kc, vc, S, hd, scale, scores, y);
+    case 128: return attend_head_nv<8>(q, kc, vc, S, hd, scale, scores, y);
+    default: return attend_head_nv<0>(q, kc, vc, S, hd, scale, scores, y);
+  }
+}
+
+// Row n of a 4-bit matrix in fp32: code * step + min per element (a multiply, then an add: as
+// inhouse.model.quant.int4_rows computes it).
+inline void int4_row(const Linear& L, int64_t n, float* out) {
+  using namespace simd;
+  const int64_t G = L.K / kGroup;
+  const uint8_t* w = L.w4 + n * (L.K / 2);
+  const uint16_t* st = reinterpret_cast<const uint16_t*>(L.steps + n * G);
+  const uint16_t* mn = reinterpret_cast<const uint16_t*>(L.mins + n * G);
+  for (int64_t g = 0; g < G; ++g) {
+    __m128i c0, c1;
+    int4_group_codes(w, L.K, g, c0, c1);
+    const vf step = set1(_cvtsh_ss(st[g])), lo = set1(_cvtsh_ss(mn[g]));
+    store(out + g * kGroup, add(mul(to_float(u8_to_i32(c0)), step), lo));
+    store(out + g * kGroup + 16, add(mul(to_float(u8_to_i32(c1)), step), lo));
   }
 }
 
@@ -242,36 +286,44 @@ struct Scratch {
 
 class FusedDecoder : public torch::CustomClassHolder {
  public:
-  // embedding (V, D) bf16; final_norm (D,) fp32; inv_freq (hd/2,) fp32; the output projection as
-  // an int8 pass (out_w8 (V, D) int8, out_scales (V,) fp32) whose top `rescore_k` logits are
-  // recomputed from out_rows (V, D) bf16.
-  FusedDecoder(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps, at::Tensor embedding,
-               at::Tensor final_norm, at::Tensor inv_freq, at::Tensor out_w8, at::Tensor out_scales,
-               at::Tensor out_rows, int64_t rescore_k)
+  // final_norm (D,) fp32; inv_freq (hd/2,) fp32. The embedding: [table (V, D) bf16] or a 4-bit
+  // table [codes (V, D/2) uint8, steps, mins (V, D/32) fp16] (Int4Embedding). The output projection:
+  // an int8 pass [w8 (V, D) int8, scales (V,) fp32, rows (V, D) bf16] whose top `rescore_k` logits
+  // are recomputed from the bf16 rows, or a 4-bit pass [codes, steps, mins] whose top logits are
+  // recomputed from its own rows, dequantized (RescoredOutput).
+  FusedDecoder(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps, at::Tensor final_norm,
+               at::Tensor inv_freq, std::vector<at::Tensor> embedding, std::vector<at::Tensor> output, int64_t rescore_k)
       : H_(n_heads), KH_(n_kv_heads), hd_(head_dim), eps_(static_cast<float>(eps)), k_(rescore_k) {
-    TORCH_CHECK(embedding.dim() == 2 && embedding.scalar_type() == at::kBFloat16 && embedding.is_contiguous(),
-                "FusedDecoder: the embedding must be a contiguous (V, D) bf16 matrix");
-    V_ = embedding.size(0);
-    D_ = embedding.size(1);
+    TORCH_CHECK((embedding.size() == 1 || embedding.size() == 3) && embedding[0].dim() == 2,
+                "FusedDecoder: the embedding is one bf16 (V, D) table or a 4-bit one (codes, steps, mins)");
+    V_ = embedding[0].size(0);
+    D_ = embedding.size() == 1 ? embedding[0].size(1) : embedding[0].size(1) * 2;
     TORCH_CHECK(D_ % 64 == 0 && hd_ % 16 == 0 && H_ % KH_ == 0 && (H_ * hd_) % 64 == 0,
                 "FusedDecoder: unsupported geometry (dim ", D_, ", heads ", H_, "/", KH_, ", head_dim ", hd_, ")");
     check_f32(final_norm, D_, "final norm");
     check_f32(inv_freq, hd_ / 2, "inv_freq");
-    TORCH_CHECK(out_w8.scalar_type() == at::kChar && out_w8.is_contiguous() && out_w8.size(0) == V_ && out_w8.size(1) == D_,
-                "FusedDecoder: the output projection must be (V, D) int8");
-    check_f32(out_scales, V_, "output scales");
-    TORCH_CHECK(out_rows.scalar_type() == at::kBFloat16 && out_rows.is_contiguous() && out_rows.size(0) == V_ &&
-                out_rows.size(1) == D_, "FusedDecoder: the output rows must be (V, D) bf16");
+    if (embedding.size() == 1) {
+      TORCH_CHECK(embedding[0].scalar_type() == at::kBFloat16 && embedding[0].is_contiguous(),
+                  "FusedDecoder: the embedding table must be contiguous (V, D) bf16");
+      emb_ = reinterpret_cast<const uint16_t*>(embedding[0].data_ptr<at::BFloat16>());
+    } else {
+      emb4_ = make_linear(embedding[0], embedding[1], embedding[2], V_, D_);
+      TORCH_CHECK(emb4_.w4 != nullptr, "FusedDecoder: a 3-tensor embedding must be 4-bit (uint8 codes, fp16 steps and mins)");
+    }
+    TORCH_CHECK(output.size() == 3, "FusedDecoder: the output projection is 3 tensors");
+    out_ = make_linear(output[0], output[1], output[2], V_, D_);
+    if (out_.w8 != nullptr) {
+      check_f32(output[1], V_, "output scales");
+      TORCH_CHECK(output[2].scalar_type() == at::kBFloat16 && output[2].is_contiguous() && output[2].size(0) == V_ &&
+                  output[2].size(1) == D_, "FusedDecoder: the output rows must be (V, D) bf16");
+      out_rows_ = reinterpret_cast<const uint16_t*>(output[2].data_ptr<at::BFloat16>());
+    }
     TORCH_CHECK(rescore_k > 0 && rescore_k <= V_, "FusedDecoder: rescore_k must be in [1, V]");
-    keep_ = {embedding, final_norm, inv_freq, out_w8, out_scales, out_rows};
-    emb_ = reinterpret_cast<const uint16_t*>(embedding.data_ptr<at::BFloat16>());
+    keep_ = {final_norm, inv_freq};
+    for (auto* ts : {&embedding, &output})
+      for (auto& x : *ts) keep_.push_back(x);
     final_norm_ = final_norm.data_ptr<float>();
     inv_freq_ = inv_freq.data_ptr<float>();
-    out_.N = V_;
-    out_.K = D_;
-    out_.w8 = out_w8.data_ptr<int8_t>();
-    out_.row_scales = out_scales.data_ptr<float>();
-    out_rows_ = reinterpret_cast<const uint16_t*>(out_rows.data_ptr<at::BFloat16>());
   }
 
   // One layer: its two norm weights, then (w, a, b) for wq, wk, wv, wo, w1, w3, w2, each either
@@ -416,11 +468,16 @@ class FusedDecoder : public torch::CustomClassHolder {
         }
       }
       int64_t b0, b1;
-      share(B * D_, t, nt, b0, b1);
-      for (int64_t i = b0; i < b1; ++i) {  // the embedding rows, bf16 -> fp32
-        const int64_t b = i / D_, d = i % D_;
-        uint32_t u = static_cast<uint32_t>(emb_[tok[b] * D_ + d]) << 16;
-        std::memcpy(&h_[i], &u, 4);
+      if (emb_ != nullptr) {
+        share(B * D_, t, nt, b0, b1);
+        for (int64_t i = b0; i < b1; ++i) {  // the embedding rows, bf16 -> fp32
+          const int64_t b = i / D_, d = i % D_;
+          uint32_t u = static_cast<uint32_t>(emb_[tok[b] * D_ + d]) << 16;
+          std::memcpy(&h_[i], &u, 4);
+        }
+      } else {
+        share(B, t, nt, b0, b1);
+        for (int64_t b = b0; b < b1; ++b) int4_row(emb4_, tok[b], h_.data() + b * D_);
       }
 #pragma omp barrier
       for (size_t l = 0; l < layers_.size(); ++l) {
@@ -514,9 +571,15 @@ class FusedDecoder : public torch::CustomClassHolder {
         top_k(lg + b * V_, V_, k_, top);
         const float* x = sc.xn.data() + b * D_;
         for (int64_t j = 0; j < k_; ++j) {
-          const uint16_t* r = out_rows_ + top[j] * D_;
           simd::vf acc = simd::zero();
-          for (int64_t d = 0; d < D_; d += 16) acc = simd::fmadd(simd::load_bf16(r + d), simd::load(x + d), acc);
+          if (out_rows_ != nullptr) {
+            const uint16_t* r = out_rows_ + top[j] * D_;
+            for (int64_t d = 0; d < D_; d += 16) acc = simd::fmadd(simd::load_bf16(r + d), simd::load(x + d), acc);
+          } else {
+            float* r = sc.tmp.data();
+            int4_row(out_, top[j], r);
+            for (int64_t d = 0; d < D_; d += 16) acc = simd::fmadd(simd::load(r + d), simd::load(x + d), acc);
+          }
           lg[b * V_ + top[j]] = simd::reduce_add(acc);
         }
       }
@@ -568,11 +631,12 @@ class FusedDecoder : public torch::CustomClassHolder {
   float eps_;
   int64_t k_;
   int64_t V_ = 0, D_ = 0, F_ = 0;
-  const uint16_t* emb_ = nullptr;
+  const uint16_t* emb_ = nullptr;  // a bf16 table, or
+  Linear emb4_;                    // a 4-bit one
   const float* final_norm_ = nullptr;
   const float* inv_freq_ = nullptr;
   Linear out_;
-  const uint16_t* out_rows_ = nullptr;
+  const uint16_t* out_rows_ = nullptr;  // bf16 rows to recompute the top logits from (null: out_'s own, 4-bit)
   std::vector<Layer> layers_;
   std::vector<uint16_t*> kc_, vc_;
   int64_t cache_rows_ = 0, cache_len_ = 0;
@@ -588,8 +652,8 @@ class FusedDecoder : public torch::CustomClassHolder {
 
 TORCH_LIBRARY_FRAGMENT(inhouse, m) {
   m.class_<FusedDecoder>("FusedDecoder")
-      .def(torch::init<int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor, at::Tensor, at::Tensor, at::Tensor,
-                       at::Tensor, int64_t>())
+      .def(torch::init<int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor, std::vector<at::Tensor>,
+                       std::vector<at::Tensor>, int64_t>())
       .def("add_layer", &FusedDecoder::add_layer)
       .def("set_caches", &FusedDecoder::set_caches)
       .def("step", &FusedDecoder::step);

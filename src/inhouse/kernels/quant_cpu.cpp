@@ -133,15 +133,11 @@ at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& steps, const a
   const at::Half* mpp = mc.data_ptr<at::Half>();
   uint16_t* op = fp32 ? nullptr : reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   float* of = fp32 ? out.data_ptr<float>() : nullptr;
-  const __m128i low4 = _mm_set1_epi8(0x0F);
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t g = 0; g < G; ++g) {
-        const int64_t b = g / 2;  // group 2b: low nibbles of block b; group 2b+1: high nibbles
-        const __m256i wb = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wp + n * (K / 2) + b * 32));
-        const __m128i h0 = _mm256_castsi256_si128(wb), h1 = _mm256_extracti128_si256(wb, 1);
-        const __m128i c0 = (g & 1) ? _mm_and_si128(_mm_srli_epi16(h0, 4), low4) : _mm_and_si128(h0, low4);
-        const __m128i c1 = (g & 1) ? _mm_and_si128(_mm_srli_epi16(h1, 4), low4) : _mm_and_si128(h1, low4);
+        __m128i c0, c1;
+        int4_group_codes(wp + n * (K / 2), K, g, c0, c1);
         const simd::vf step = simd::set1(static_cast<float>(spp[n * G + g]));
         const simd::vf lo = simd::set1(static_cast<float>(mpp[n * G + g]));
         const simd::vf f0 = simd::add(simd::mul(simd::to_float(simd::u8_to_i32(c0)), step), lo);

@@ -82,26 +82,34 @@ inline void int4_groups(__m256i wb, vw& g0, vw& g1) {
   g1 = _mm512_cvtepu8_epi16(_mm256_and_si256(_mm256_srli_epi16(wb, 4), low4));
 }
 inline vw int8_group(__m256i wb) { return _mm512_cvtepi8_epi16(wb); }
-// Lane i: a[2i] * b[2i] + a[2i+1] * b[2i+1], exact in int32.
-inline vi dot_pairs(vw a, vw b) { return _mm512_dpwssd_epi32(_mm512_setzero_si512(), a, b); }
 inline vw load_i16(const int16_t* p) { return _mm512_loadu_si512(p); }  // 32 values
 
-// The accumulator of a row kernel: for consecutive groups of 32 int16 weights w_i and activations
-// x_i (at x + 32 i), acc += scale_i * (w_i . x_i), summed over its lanes at the end. The int32 dot
-// products are exact; only the order of the fp32 sums is the instruction set's.
+// [a's 8-lane half H, b's 8-lane half H] (16 int32): the chunks of `chunk_of_quad`.
+template <int H>
+inline vi halves(vi a, vi b) { return _mm512_shuffle_i64x2(a, b, H ? 0xEE : 0x44); }
+
+// The accumulators of a row kernel. Weights and activations are laid out in chunks of 32 columns
+// (quant_cpu.h): a chunk of a quad (4 groups) holds 8 columns of each group, a chunk of a pair (the
+// last 2 groups of a row, when their number is not a multiple of 4) 16 of each. The integer dot
+// products of a quad's 4 chunks go into one int32 vector whose lanes 0-3 belong to its first group,
+// 4-7 to the second, ...; a pair's 2 chunks into lanes 0-7 and 8-15. Converted and multiplied by
+// each lane's group scale once per quad (not once per group), they are added to an fp32 vector.
 constexpr int kTileRows = 8;  // activation rows served by one pass over the weights (32 registers)
-struct vacc { vf even, odd; };  // even and odd groups: two chains of fused multiply-adds, not one
-inline vacc acc_zero() { return {zero(), zero()}; }
-inline vf scaled_dot(vf acc, vw w, const int16_t* x, float scale) {
-  return fmadd(to_float(dot_pairs(w, load_i16(x))), set1(scale), acc);
+using vd = __m512i;  // int32 dot products of a quad or pair
+using vq = __m512;   // their scaled fp32 sums
+inline vd dot_zero() { return _mm512_setzero_si512(); }
+inline vd dot_acc(vd acc, vw w, const int16_t* x) { return _mm512_dpwssd_epi32(acc, w, load_i16(x)); }
+inline vq acc_zero() { return _mm512_setzero_ps(); }
+inline vq scale_quad(const float* s) {  // s[0..3], each over 4 lanes
+  return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
+                               _mm512_castps128_ps512(_mm_loadu_ps(s)));
 }
-inline vacc acc_pair(vacc a, vw g0, vw g1, const int16_t* x, const float* scale) {
-  return {scaled_dot(a.even, g0, x, scale[0]), scaled_dot(a.odd, g1, x + 32, scale[1])};
+inline vq scale_pair(const float* s) {  // s[0..1], each over 8 lanes
+  return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
+                               _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)))));
 }
-inline vacc acc_quad(vacc a, vw g0, vw g1, vw g2, vw g3, const int16_t* x, const float* scale) {
-  return acc_pair(acc_pair(a, g0, g1, x, scale), g2, g3, x + 64, scale + 2);
-}
-inline float acc_sum(vacc a, vf extra) { return reduce_add(add(add(a.even, a.odd), extra)); }  // + extra's lanes
+inline vq acc_scaled(vq acc, vd d, vq scale) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc); }
+inline float acc_sum(vq a, vf extra) { return reduce_add(add(a, extra)); }  // + extra's lanes
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 constexpr const char* kIsa = "avx2";
@@ -233,31 +241,32 @@ inline void int4_groups(__m256i wb, vw& g0, vw& g1) {
   g1 = {_mm256_and_si256(_mm256_srli_epi16(wb, 4), low4), _mm256_srli_epi16(wb, 12)};
 }
 inline vw int8_group(__m256i wb) { return {_mm256_srai_epi16(_mm256_slli_epi16(wb, 8), 8), _mm256_srai_epi16(wb, 8)}; }
-// Four groups at a time: their int32 dot products (8 lanes each, the even and odd halves added)
-// are summed by two rounds of horizontal adds into one vector, [d0 d1 d2 d3 | d0 d1 d2 d3] (each
-// 128-bit half holds its own lanes' sums), converted and scaled by [s0 s1 s2 s3 | s0 s1 s2 s3] in
-// one multiply-add: a third fewer instructions than one conversion and multiply-add per group.
+// [a's 8-lane half H, b's 8-lane half H]: one register each.
+template <int H>
+inline vi halves(vi a, vi b) { return {H ? a.hi : a.lo, H ? b.hi : b.lo}; }
+
+// The accumulators of a row kernel (see the AVX-512 ones). A chunk of 32 int16 is two registers
+// (its even places, then its odd ones), whose pairwise products (madd) land in 8 int32 lanes:
+// for a quad, lanes 0-1 belong to its first group, 2-3 to the second, ...; for a pair, 0-3 and 4-7.
 constexpr int kTileRows = 4;  // activation rows per pass: more would spill the 16 registers
-struct vacc { __m256 quads, pairs; };  // `pairs`: a block left over after the quads
-inline vacc acc_zero() { return {_mm256_setzero_ps(), _mm256_setzero_ps()}; }
-inline __m256i dot32(vw w, const int16_t* x) {  // 8 int32 lanes summing to w . x
-  return _mm256_add_epi32(_mm256_madd_epi16(w.lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
-                          _mm256_madd_epi16(w.hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+using vd = __m256i;
+using vq = __m256;
+inline vd dot_zero() { return _mm256_setzero_si256(); }
+inline vd dot_acc(vd acc, vw w, const int16_t* x) {
+  const __m256i p = _mm256_add_epi32(_mm256_madd_epi16(w.lo, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x))),
+                                     _mm256_madd_epi16(w.hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
+  return _mm256_add_epi32(acc, p);
 }
-inline vacc acc_pair(vacc a, vw g0, vw g1, const int16_t* x, const float* scale) {
-  a.pairs = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(g0, x)), _mm256_set1_ps(scale[0]), a.pairs);
-  a.pairs = _mm256_fmadd_ps(_mm256_cvtepi32_ps(dot32(g1, x + 32)), _mm256_set1_ps(scale[1]), a.pairs);
-  return a;
+inline vq acc_zero() { return _mm256_setzero_ps(); }
+inline vq scale_quad(const float* s) {
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s)), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
 }
-inline vacc acc_quad(vacc a, vw g0, vw g1, vw g2, vw g3, const int16_t* x, const float* scale) {
-  const __m256i h = _mm256_hadd_epi32(_mm256_hadd_epi32(dot32(g0, x), dot32(g1, x + 32)),
-                                      _mm256_hadd_epi32(dot32(g2, x + 64), dot32(g3, x + 96)));
-  a.quads = _mm256_fmadd_ps(_mm256_cvtepi32_ps(h), _mm256_broadcast_ps(reinterpret_cast<const __m128*>(scale)), a.quads);
-  return a;
+inline vq scale_pair(const float* s) {
+  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)))),
+                                  _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
 }
-inline float acc_sum(vacc a, vf extra) {  // + extra's lanes
-  return hsum8(_mm256_add_ps(_mm256_add_ps(a.quads, a.pairs), _mm256_add_ps(extra.lo, extra.hi)));
-}
+inline vq acc_scaled(vq acc, vd d, vq scale) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), scale, acc); }
+inline float acc_sum(vq a, vf extra) { return hsum8(_mm256_add_ps(a, _mm256_add_ps(extra.lo, extra.hi))); }
 
 #else
 #error "inhouse's native kernels need AVX-512 (F, BW, VL, VNNI, BF16) or AVX2 with FMA and F16C"

@@ -6,12 +6,13 @@ dispatch and thread fork/join cost more than reading the weights. `FusedDecode` 
 step (embedding, every layer, final norm, vocabulary projection) to one native function that
 runs it inside one parallel region (inhouse/kernels/decode_cpu.cpp), with the arithmetic of the
 eager model: the same int4/int8 row kernels, fp32 residual stream, bf16 KV cache, the top logits
-recomputed from the bf16 rows. Prompt chunks still run the eager model (large matmuls, where
-PyTorch is as fast).
+recomputed from the projection's exact rows. The same call runs prompt chunks as rows
+(`FusedDecode.rows`); long prompts run the eager model (large matmuls).
 
 It applies to models whose linears are all the native `Int4Linear`/`Int8Linear` and whose output
-is a `RescoredOutput` (the default for GGUF files on CPUs with AVX-512 VNNI or AVX2, and ``quantize``
-int4/int8 there); `fused_decode_unsupported` says why another model cannot use it. When a layer
+is a `RescoredOutput` over a native int8 or 4-bit pass, and whose embedding is bf16 or 4-bit
+(`Int4Embedding`): the default for GGUF files on CPUs with AVX-512 VNNI or AVX2, and ``quantize``
+int4/int8 there; `fused_decode_unsupported` says why another model cannot use it. When a layer
 is swapped afterwards (LoRA adapters), calls go to the fallback (the eager or compiled model).
 """
 
@@ -25,7 +26,7 @@ import torch
 from torch import nn
 
 from inhouse.model.kv_cache import KVCache
-from inhouse.model.quant import Int4Linear, Int8Linear, RescoredOutput
+from inhouse.model.quant import Int4Embedding, Int4Linear, Int8Linear, RescoredOutput
 from inhouse.model.transformer import RMSNorm, Transformer
 
 logger = logging.getLogger("inhouse.model")
@@ -51,14 +52,15 @@ def fused_decode_unsupported(model: nn.Module) -> Optional[str]:
         return f"a {type(model).__name__}, not inhouse's Transformer"
     if model.__dict__.get("layers_changed"):
         return "its layers were swapped (LoRA)"
-    if model.tok_embeddings.weight.device.type != "cpu":
+    if model.device.type != "cpu":
         return "not on the CPU"
     out = model.output
-    if not (isinstance(out, RescoredOutput) and isinstance(out.approx, Int8Linear) and out.approx.native
-            and out.rows.dtype == torch.bfloat16):
-        return "its output projection is not a native int8 pass with bf16 rows"
-    if model.tok_embeddings.weight.dtype != torch.bfloat16:
-        return "its embedding is not bf16"
+    if not (isinstance(out, RescoredOutput) and type(out.approx) in (Int4Linear, Int8Linear) and out.approx.native
+            and (out.rows is None or out.rows.dtype == torch.bfloat16)):
+        return "its output projection is not a native int8 pass with bf16 rows or a native 4-bit one"
+    emb = model.tok_embeddings
+    if not (type(emb) is Int4Embedding or emb.weight.dtype == torch.bfloat16):
+        return "its embedding is neither bf16 nor 4-bit"
     args = model.args
     if args.head_dim % 16 or args.dim % 64 or (args.n_heads * args.head_dim) % 64 or args.hidden_dim % 64:
         return "its sizes are not multiples of 64 (head_dim of 16)"
@@ -98,11 +100,17 @@ class FusedDecode:
         self.model = model
         self.fallback = fallback or model
         args = model.args
-        out = model.output
+        out, emb = model.output, model.tok_embeddings
+        if type(emb) is Int4Embedding:
+            table = [emb.weight_q4.detach(), emb.steps.detach(), emb.mins.detach()]
+        else:
+            table = [emb.weight.detach()]
+        projection = _linear_tensors(out.approx)
+        if out.rows is not None:  # the int8 pass's exact rows; a 4-bit pass recomputes from its own
+            projection[2] = out.rows.detach()
         self._decoder = torch.classes.inhouse.FusedDecoder(
-            args.n_heads, args.n_kv_heads, args.head_dim, float(args.norm_eps),
-            model.tok_embeddings.weight.detach(), model.norm.weight.detach(), model.inv_freq.detach().float().contiguous(),
-            out.approx.weight_int8.detach(), out.approx.scales.detach(), out.rows.detach(), out.k)
+            args.n_heads, args.n_kv_heads, args.head_dim, float(args.norm_eps), model.norm.weight.detach(),
+            model.inv_freq.detach().float().contiguous(), table, projection, out.k)
         for layer in model.layers:
             tensors = [layer.attention_norm.weight.detach(), layer.ffn_norm.weight.detach()]
             for name in LINEARS:

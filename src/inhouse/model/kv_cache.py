@@ -2,9 +2,37 @@
 
 from __future__ import annotations
 
+import math
+import mmap
+import sys
 from typing import Optional, Union
 
 import torch
+
+LAZY_MIN_BYTES = 1 << 20  # smaller caches are plain zeroed tensors
+
+
+def lazy_zeros_possible(device: Union[torch.device, str, None]) -> bool:
+    """Whether `zeros` hands out memory that becomes resident only when first written (a CPU on Linux)."""
+    return (device is None or torch.device(device).type == "cpu") and sys.platform.startswith("linux")
+
+
+def zeros(shape: tuple[int, ...], dtype: torch.dtype, device: Union[torch.device, str, None] = None) -> torch.Tensor:
+    """A zeroed tensor; on a CPU (Linux) its memory is an anonymous map, whose pages the kernel
+    supplies as zeros when first touched: a cache sized for every slot and the whole context
+    costs resident memory only for the positions actually written. (``torch.zeros`` writes every
+    byte at once.) Kept in small pages, so that a few positions do not fault in 2 MiB."""
+    nbytes = math.prod(shape) * dtype.itemsize
+    if lazy_zeros_possible(device) and nbytes >= LAZY_MIN_BYTES:
+        try:
+            buf = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS)
+        except OSError:  # larger than the kernel will map: zeroed the usual way (or fail there)
+            pass
+        else:
+            if hasattr(mmap, "MADV_NOHUGEPAGE"):
+                buf.madvise(mmap.MADV_NOHUGEPAGE)
+            return torch.frombuffer(buf, dtype=dtype).view(shape)  # the tensor keeps the map alive
+    return torch.zeros(shape, dtype=dtype, device=device)
 
 
 class KVCache(torch.nn.Module):
@@ -25,8 +53,8 @@ class KVCache(torch.nn.Module):
         super().__init__()
         self.max_len = max_len
         shape = (batch_size, n_kv_heads, max_len, head_dim)  # (B, K, S, hd)
-        self.register_buffer("k", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
-        self.register_buffer("v", torch.zeros(shape, dtype=dtype, device=device), persistent=False)
+        self.register_buffer("k", zeros(shape, dtype, device), persistent=False)
+        self.register_buffer("v", zeros(shape, dtype, device), persistent=False)
         self.register_buffer("_arange", torch.arange(batch_size, device=device), persistent=False)
 
     @property
@@ -94,7 +122,7 @@ class KVCache(torch.nn.Module):
         B, K, S, hd = self.k.shape
         for name in ("k", "v"):
             old = getattr(self, name)
-            new = old.new_zeros((B, K, max_len, hd))
+            new = zeros((B, K, max_len, hd), old.dtype, old.device)
             new[:, :, :S] = old
             setattr(self, name, new)
         self.max_len = max_len

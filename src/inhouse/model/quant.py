@@ -84,6 +84,45 @@ def chunk_dtype(device: Union[torch.device, str] = "cpu") -> torch.dtype:
     return _cpu_chunk_dtype() if torch.device(device).type == "cpu" else torch.bfloat16
 
 
+@functools.lru_cache(maxsize=32)
+def native_order(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The column order of the native kernels' weights for rows of `k` columns, and its inverse.
+
+    Groups of 32 columns are taken four at a time (a quad), the last two as a pair when their
+    number is not a multiple of 4; a quad is stored as four chunks of 32, chunk c holding columns
+    8c..8c+7 of each of its groups, a pair as two, chunk c holding columns 16c..16c+15 of each.
+    (The kernels' integer dot products over a quad then land in one vector, a lane per group, and
+    are scaled once per quad: inhouse/kernels/quant_cpu.h.) Stored column p is column ``order[p]``;
+    ``inverse[order] == arange(k)``.
+    """
+    if k % 64:
+        raise QuantizeError(f"the native layout needs a multiple of 64 columns, got {k}")
+    j = torch.arange(32)
+    parts = []
+    n_quads = k // 128
+    for q in range(n_quads):
+        parts += [128 * q + 32 * (j // 8) + 8 * c + j % 8 for c in range(4)]
+    if k % 128:
+        base = 128 * n_quads
+        parts += [base + 32 * (j // 16) + 16 * c + j % 16 for c in range(2)]
+    order = torch.cat(parts)
+    return order, torch.argsort(order)
+
+
+def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
+    """(N, K) codes 0..15 in stored order -> (N, K/2) bytes: per 64 columns, byte j holds column j
+    in its low nibble and column 32 + j in its high one (two chunks per 32 bytes)."""
+    n, k = codes.shape
+    c = codes.view(n, k // 64, 2, 32)
+    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+
+
+def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+    n, k = packed.shape[0], packed.shape[1] * 2
+    q = packed.view(n, k // 64, 1, 32)
+    return torch.cat((q & 15, q >> 4), dim=2).view(n, k)
+
+
 class QuantizeError(ValueError):
     """An unknown quantization mode, or a module that cannot be quantized."""
 
@@ -111,8 +150,8 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 class Int8Linear(nn.Module):
     """``y = x @ (q * scale).T`` with int8 `q` (N, K) and one `scale` per output row (N,); no bias.
 
-    With the native kernel (``native``: AVX-512 VNNI or AVX2, K a multiple of 64) the scales are fp32 and
-    decode rows and prompt chunks of up to `small_batch` rows run ``torch.ops.inhouse.int8_mm`` (activations as int16
+    With the native kernel (``native``: AVX-512 VNNI or AVX2, K a multiple of 64) `weight_int8` is in
+    the kernels' column order (`native_order`), the scales are fp32, and decode rows and prompt chunks of up to `small_batch` rows run ``torch.ops.inhouse.int8_mm`` (activations as int16
     per group of 32); otherwise they are bf16 for ``torch._weight_int8pack_mm`` (bf16
     activations). Larger calls dequantize to `chunk_dtype` (bf16, or fp32 on CPUs without bf16
     hardware) and use a regular matmul.
@@ -139,12 +178,15 @@ class Int8Linear(nn.Module):
         n, k = weight.shape
         m = cls(k, n, device=torch.device("meta"), native=native)
         q, scale = quantize_int8(weight)
+        if m.native:  # the kernels' column order
+            q = q[:, native_order(k)[0]].contiguous()
         m.weight_int8, m.scales = q, scale.to(m.scales.dtype)
         return m
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The (N, K) matrix the module multiplies by, in `dtype`."""
-        return (self.weight_int8.to(dtype) * self.scales.to(dtype)[:, None])
+        q = self.weight_int8[:, native_order(self.in_features)[1]] if self.native else self.weight_int8
+        return q.to(dtype) * self.scales.to(dtype)[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -245,8 +287,8 @@ class Int4Linear(nn.Module):
     Two storage layouts, chosen when the module is built (``native``):
 
     * native (`inhouse.kernels`, CPUs with AVX-512 VNNI or AVX2, K a multiple of 64): ``weight_q4``
-      (N, K/2) uint8 in the kernel's block layout, ``steps`` and ``mins`` (N, K/32) fp16 — GGUF
-      stores Q4_1's scale and minimum in fp16, so these are the file's weights exactly. Calls of
+      (N, K/2) uint8, the codes in the kernels' column order (`native_order`), two per byte;
+      ``steps`` and ``mins`` (N, K/32) fp16 — GGUF stores Q4_1's scale and minimum in fp16, so these are the file's weights exactly. Calls of
       decode rows and chunks of up to `small_batch` rows run ``torch.ops.inhouse.int4_mm``: the activations are quantized
       to int16 per group of 32 and multiplied with integer dot products, reading the weights at close
       to memory bandwidth.
@@ -301,8 +343,7 @@ class Int4Linear(nn.Module):
         m = cls(k, n, device=torch.device("meta"), native=native)
         codes = q.codes
         if m.native:
-            c = codes.view(n, k // 64, 2, 32)  # per block of 64: columns 0..31 low nibbles, 32..63 high
-            m.weight_q4 = (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+            m.weight_q4 = _pack_nibbles(codes[:, native_order(k)[0]])
             m.steps, m.mins = q.steps.to(torch.float16).contiguous(), q.mins.to(torch.float16).contiguous()
             return m
         step, lo = q.steps.float()[..., None], q.mins.float()[..., None]  # (N, G, 1)
@@ -322,11 +363,17 @@ class Int4Linear(nn.Module):
         """The (N, K) uint8 codes 0..15."""
         n, k = self.out_features, self.in_features
         if self.native:
-            q = self.weight_q4.view(n, k // 64, 1, 32)
-            return torch.cat((q & 15, q >> 4), dim=2).view(n, k)
+            return _unpack_nibbles(self.weight_q4)[:, native_order(k)[1]]
         if self.weight_nibbles.numel() == 0:
             return unpack_int4pack(self.weight_int4pack, n, k)
         return torch.stack((self.weight_nibbles & 15, self.weight_nibbles >> 4), dim=-1).view(n, k)
+
+    def dequantized_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` ((n,) int64) of the matrix, exactly, in fp32: each ``code * step + min`` (as
+        `Int4Codes.dense`), without expanding the rest."""
+        if self.native:
+            return int4_rows(self.weight_q4, self.steps, self.mins, idx)
+        return self.dequantized(torch.float32)[idx]
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The (N, K) matrix the module multiplies by, in `dtype`."""
@@ -367,6 +414,63 @@ class Int4Linear(nn.Module):
                 f"group {INT4_GROUP}, {kernel} kernel")
 
 
+def int4_rows(weight_q4: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` ((n,) int64) of a native-layout 4-bit matrix (`Int4Linear`'s ``weight_q4``,
+    ``steps``, ``mins``) in fp32: ``code * step + min`` per element, a multiply then an add."""
+    n, k = idx.numel(), weight_q4.shape[1] * 2
+    codes = _unpack_nibbles(weight_q4[idx])[:, native_order(k)[1]].view(n, k // INT4_GROUP, INT4_GROUP).float()
+    return (codes * steps[idx].float()[..., None] + mins[idx].float()[..., None]).view(n, k)
+
+
+class Int4Embedding(nn.Module):
+    """The token embedding kept as 4-bit rows (a GGUF Q4_0/Q4_1 ``token_embd`` in int4 mode): a
+    lookup dequantizes just the rows it reads, exactly (fp32, the file's values).
+
+    When the output projection is tied to the embedding, both read one matrix: the buffers here
+    are the output's `Int4Linear`'s own tensors (`RescoredOutput` then recomputes its top logits
+    from the same rows). On SmolLM2-135M that is 17.7 MB where a bf16 table and an int8
+    projection pass took 85 MB, and the vocabulary pass of a decode step reads 40% fewer bytes.
+
+    Args:
+        num_embeddings, embedding_dim: V and D (D a multiple of 64: the native layout).
+        dtype: what the model's unquantized parameters and its KV cache are in (`Transformer.dtype`);
+            lookups return fp32, which the residual stream of a quantized model is.
+        device: where the (zero) buffers are allocated; `from_linear` shares an `Int4Linear`'s.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.bfloat16,
+                 device: Optional[torch.device] = None):
+        super().__init__()
+        if embedding_dim % 64:
+            raise QuantizeError(f"a 4-bit embedding needs a dimension divisible by 64, got {embedding_dim}")
+        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+        g = embedding_dim // INT4_GROUP
+        self.register_buffer("weight_q4", torch.zeros(num_embeddings, embedding_dim // 2, dtype=torch.uint8, device=device))
+        self.register_buffer("steps", torch.zeros(num_embeddings, g, dtype=torch.float16, device=device))
+        self.register_buffer("mins", torch.zeros(num_embeddings, g, dtype=torch.float16, device=device))
+
+    @classmethod
+    def from_linear(cls, table: "Int4Linear", dtype: torch.dtype) -> "Int4Embedding":
+        """The embedding whose rows are `table`'s (a native `Int4Linear`, (V, D)): no copy."""
+        if not table.native:
+            raise QuantizeError("a 4-bit embedding needs the native int4 layout")
+        m = cls(table.out_features, table.in_features, dtype, device=torch.device("meta"))
+        m.weight_q4, m.steps, m.mins = table.weight_q4, table.steps, table.mins
+        return m
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight_q4.device
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(..., D) fp32 rows of `tokens` (...) int64."""
+        return int4_rows(self.weight_q4, self.steps, self.mins, tokens.reshape(-1)).view(*tokens.shape,
+                                                                                         self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return f"{self.num_embeddings}, {self.embedding_dim}, int4 rows (group {INT4_GROUP}), for a {self.dtype} model"
+
+
 def _native_choice(native: Optional[bool], in_features: int) -> bool:
     if native is None:
         return native_kernel_fits(in_features)
@@ -386,42 +490,57 @@ def native_kernel_fits(in_features: int) -> bool:
 
 
 class RescoredOutput(nn.Module):
-    """The vocabulary projection: a fast int8 pass, then the `k` best rows recomputed exactly.
+    """The vocabulary projection: a fast quantized pass, then the `k` best logits recomputed exactly.
 
     The output projection is the largest matrix a small model reads per token (SmolLM2-135M:
     49152 x 576, a third of its weights), and the one whose rounding moves greedy choices most:
     a per-row int8 projection alone flips ~3% of next tokens. So each row of logits is first
-    computed by the int8 kernel (`approx`), then the `k` highest are recomputed in fp32 from
-    `rows` (the bf16 embedding table when embeddings are tied: no extra memory) and written back.
-    The top of the distribution — what greedy, top-k and top-p sampling read — is therefore
-    exact to the bf16 weights; the tail keeps int8 accuracy (~1% relative).
+    computed by the quantized kernel (`approx`), then the `k` highest are recomputed in fp32 from
+    the projection's exact rows and written back. The top of the distribution — what greedy,
+    top-k and top-p sampling read — is therefore exact; the tail keeps the pass's accuracy.
+
+    Two forms:
+
+    * `approx` an `Int8Linear` of a projection held at higher precision, `rows` its (V, D) weight
+      (bf16; the embedding table when tied: no extra memory), read for the recomputation;
+    * `approx` an `Int4Linear` holding the file's own 4-bit rows (a GGUF Q4_0/Q4_1 projection or
+      tied embedding), `rows` None: the pass reads those rows and the recomputation dequantizes the
+      `k` best of them (`Int4Linear.dequantized_rows`), so the top logits are exact to the file.
 
     Args:
-        approx: an `Int8Linear` of the projection.
-        rows: (V, D) the projection's weight (bf16), used for the exact recomputation.
+        approx: the quantized pass.
+        rows: (V, D) the projection's weight for the recomputation, or None with an `Int4Linear`.
         k: how many logits per row are recomputed.
     """
 
-    def __init__(self, approx: Int8Linear, rows: nn.Parameter, k: int = 32):
+    def __init__(self, approx: Union[Int8Linear, Int4Linear], rows: Optional[nn.Parameter], k: int = 32):
         super().__init__()
+        if rows is None and not isinstance(approx, Int4Linear):
+            raise QuantizeError("RescoredOutput needs the projection's rows unless its pass is an Int4Linear")
         self.approx, self.k = approx, k
         self.in_features, self.out_features = approx.in_features, approx.out_features
-        self.rows = rows  # (V, D) Parameter, the embedding's own when tied (not a second copy)
+        self.rows = rows  # (V, D) Parameter, the embedding's own when tied (not a second copy); or None
+
+    def exact_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` ((n,) int64) of the projection in fp32, as the recomputation reads them."""
+        return self.rows[idx].float() if self.rows is not None else self.approx.dequantized_rows(idx)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
         x2 = x.reshape(-1, self.in_features).float()  # (M, D)
-        # (M, V); the int8 kernels take fp32 or bf16 rows; x's own shape says decode rows or a chunk
+        # (M, V); the kernels take fp32 or bf16 rows; x's own shape says decode rows or a chunk
         logits = self.approx(x.float()).reshape(-1, self.out_features).float()
         top = logits.topk(self.k, dim=-1).indices  # (M, k)
         # A product and a sum per row rather than bmm, whose kernel choice depends on M (and
         # with it the rounding): each row must come out the same whatever the batch.
-        exact = (self.rows[top].float() * x2[:, None, :]).sum(-1)  # (M, k, D) * (M, 1, D) -> (M, k)
+        rows = self.exact_rows(top.reshape(-1)).view(*top.shape, self.in_features)  # (M, k, D)
+        exact = (rows * x2[:, None, :]).sum(-1)  # (M, k, D) * (M, 1, D) -> (M, k)
         logits.scatter_(1, top, exact)
         return logits.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 + exact top-{self.k}"
+        kind = "int8" if isinstance(self.approx, Int8Linear) else "int4"
+        return f"in_features={self.in_features}, out_features={self.out_features}, {kind} + exact top-{self.k}"
 
 
 QUANTIZED_LINEARS = {"int8": Int8Linear, "int4": Int4Linear}
@@ -448,7 +567,9 @@ def quantize_tensor(model: nn.Module, name: str, value: Union[torch.Tensor, Int4
     * a linear's weight (attention, feed-forward): that linear becomes an `Int8Linear` /
       `Int4Linear` built from `value`;
     * the output projection (its own weight, or the embedding when tied): a `RescoredOutput`,
-      an int8 pass built from `value` plus the projection's rows in `dtype`;
+      an int8 pass built from `value` plus the projection's rows in `dtype`; given as `Int4Codes`
+      in int4 mode (and where the native kernels run), the 4-bit rows themselves, taken as they
+      are, and the embedding an `Int4Embedding` reading the same rows;
     * norm weights: fp32 (they set the residual stream's dtype: fp32, see `Transformer.forward`);
     * anything else (the embedding): `value` cast to `dtype` (None: as given).
 
@@ -467,14 +588,17 @@ def quantize_tensor(model: nn.Module, name: str, value: Union[torch.Tensor, Int4
         raise QuantizeError(f"quantize={mode!r} is not supported here; use int8 or int4")
     module_name, _, leaf = name.rpartition(".")
     module = model.get_submodule(module_name) if module_name else model
+    args = getattr(model, "args", None)
+    tied_embedding = name == "tok_embeddings.weight" and args is not None and args.tie_embeddings
     if isinstance(value, Int4Codes):
         if mode == "int4" and type(module) is nn.Linear and leaf == "weight" and module.bias is None \
                 and module_name != "output":
             _set(model, module_name, Int4Linear.from_codes(value))
             return
+        if mode == "int4" and name in ("tok_embeddings.weight", "output.weight") and \
+                _int4_vocabulary(model, name, value, tied_embedding, dtype):
+            return
         value = value.dense()
-    args = getattr(model, "args", None)
-    tied_embedding = name == "tok_embeddings.weight" and args is not None and args.tie_embeddings
     def own(to: Optional[torch.dtype]) -> nn.Parameter:
         # A copy, never a view of the loader's memory map: the quantized model keeps nothing of
         # the file mapped (its pages would stay resident).
@@ -493,6 +617,19 @@ def quantize_tensor(model: nn.Module, name: str, value: Union[torch.Tensor, Int4
         _set(model, module_name, QUANTIZED_LINEARS[mode].from_weight(value))
     else:
         _set(model, name, own(torch.float32 if _is_norm(name) else dtype))
+
+
+def _int4_vocabulary(model: nn.Module, name: str, value: Int4Codes, tied: bool, dtype: Optional[torch.dtype]) -> bool:
+    """The embedding (`Int4Embedding`) and/or the output projection (`RescoredOutput` over an
+    `Int4Linear`) kept as the file's 4-bit rows; False where the native kernels cannot take them."""
+    if not native_kernel_fits(value.shape[1]):
+        return False
+    table = Int4Linear.from_codes(value, native=True)
+    if name == "output.weight" or tied:
+        model.output = RescoredOutput(table, None)
+    if name == "tok_embeddings.weight":
+        model.tok_embeddings = Int4Embedding.from_linear(table, dtype or torch.float32)
+    return True
 
 
 def quantize_model(model: nn.Module, mode: str, dtype: Optional[torch.dtype] = torch.bfloat16) -> nn.Module:
@@ -532,5 +669,5 @@ def quantized_mode(model: nn.Module) -> str:
     return "none"
 
 
-__all__ = ["QUANTIZE_MODES", "QuantizeError", "Int8Linear", "Int4Codes", "Int4Linear", "RescoredOutput", "quantize_int8", "quantize_model", "quantize_tensor",
+__all__ = ["QUANTIZE_MODES", "QuantizeError", "Int8Linear", "Int4Codes", "Int4Embedding", "Int4Linear", "RescoredOutput", "quantize_int8", "quantize_model", "quantize_tensor",
            "quantized_mode"]

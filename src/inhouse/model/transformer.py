@@ -227,6 +227,18 @@ class Transformer(nn.Module):
             "inv_freq", rope_inv_freq(args.head_dim, args.rope_theta, args.rope_scaling), persistent=False
         )
 
+    @property
+    def dtype(self) -> torch.dtype:
+        """The dtype of the model's unquantized parameters and of its KV cache: the embedding
+        table's (bf16 for quantized models), or what a 4-bit table (`Int4Embedding`) was loaded for."""
+        emb = self.tok_embeddings
+        return emb.weight.dtype if isinstance(emb, nn.Embedding) else emb.dtype
+
+    @property
+    def device(self) -> torch.device:
+        """Where the model's weights are."""
+        return self.norm.weight.device
+
     def tie_weights(self) -> None:
         """Share the output projection with the embedding (after weights were assigned)."""
         if self.args.tie_embeddings and isinstance(self.output, nn.Linear):  # quantized outputs tie themselves
@@ -296,8 +308,8 @@ class Transformer(nn.Module):
 
     def new_caches(self, batch_size: int, max_len: int, dtype: Optional[torch.dtype] = None) -> list[KVCache]:
         """Allocate one zeroed `KVCache` per layer for `batch_size` sequences of `max_len` positions."""
-        dtype = dtype or self.tok_embeddings.weight.dtype
-        device = self.tok_embeddings.weight.device
+        dtype = dtype or self.dtype
+        device = self.device
         return [
             KVCache(batch_size, max_len, self.args.n_kv_heads, self.args.head_dim, dtype=dtype, device=device)
             for _ in self.layers

@@ -99,7 +99,7 @@ def run_serve(a: argparse.Namespace) -> int:
               chat_format=a.chat_format, chat_template=template, max_loras=max_loras,
               quantize=getattr(a, "quantize", "auto"), compile=getattr(a, "compile", False))
     if budget is not None:
-        elsize = llm.model.tok_embeddings.weight.element_size()
+        elsize = llm.model.dtype.itemsize
         fit = seqs_for_budget(llm.loaded.args, llm.max_model_len, elsize, budget)
         if fit < max_num_seqs:
             logger.info("KV cache budget %s holds %d sequences of %d tokens; --max-num-seqs lowered from %d",
