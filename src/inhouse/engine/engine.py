@@ -40,7 +40,7 @@ from inhouse.engine.prefix import PrefixIndex
 from inhouse.model.arena import move_to_huge_pages
 from inhouse.model.fused_decode import FusedDecode, fused_decode_unsupported
 from inhouse.model.kv_cache import lazy_zeros_possible
-from inhouse.model.transformer import Transformer
+from inhouse.model.transformer import Transformer, model_device, model_dtype
 from inhouse.tokenizer.base import Tokenizer
 from inhouse.tokenizer.detokenizer import IncrementalDetokenizer
 from inhouse.weights.memory import available_bytes
@@ -165,7 +165,7 @@ class Engine:
         self.requests: dict[str, Request] = {}
         self._free_slots = list(range(max_num_seqs))
         self._last_sampling: Optional[tuple[list[SamplingParams], sampling.SamplingTensors]] = None
-        self.device = model.device
+        self.device = model_device(model)
         if self.device.type == "cpu":  # decode steps stream every weight: fewer TLB misses (see arena.py)
             move_to_huge_pages(model)
         self.caches = model.new_caches(max_num_seqs, self._initial_cache_len(model, max_num_seqs, max_model_len))
@@ -385,7 +385,7 @@ class Engine:
         (`kv_cache.zeros`) and fits in memory even if every slot fills; otherwise 256 positions,
         doubled as sequences grow (each growth writes the whole new cache)."""
         a = model.args
-        nbytes = 2 * a.n_layers * max_num_seqs * a.n_kv_heads * max_model_len * a.head_dim * model.dtype.itemsize
+        nbytes = 2 * a.n_layers * max_num_seqs * a.n_kv_heads * max_model_len * a.head_dim * model_dtype(model).itemsize
         if lazy_zeros_possible(self.device) and nbytes <= available_bytes():
             return max_model_len
         return min(max_model_len, 256)

@@ -23,6 +23,7 @@ import torch
 from inhouse.engine.engine import Engine, EngineError, Request
 from inhouse.engine.outputs import RequestOutput
 from inhouse.engine.params import SamplingParams
+from inhouse.model.transformer import model_dtype
 from inhouse.resolve import LoadedModel, open_model
 from inhouse.tokenizer.chat import ChatRenderer
 
@@ -89,7 +90,7 @@ class LLM:
                    compile: bool = False, max_loras: int = 8) -> "LLM":
         """Wrap an already-built `Transformer` and `Tokenizer` (no loading)."""
         self = cls.__new__(cls)
-        dtype = model.dtype
+        dtype = model_dtype(model)
         loaded = LoadedModel(name, model, tokenizer, model.args, dtype, "memory", None)
         self._setup(loaded, max_model_len=max_model_len, seed=seed, max_num_seqs=max_num_seqs,
                     chat_format=chat_format, chat_template=chat_template,

@@ -34,6 +34,7 @@ from safetensors.torch import save_file
 
 from inhouse.model.lora import HF_TARGET_NAMES, LORA_TARGETS, apply_lora, lora_modules
 from inhouse.model.multi_lora import AdapterRows, apply_multi_lora, multi_lora_modules
+from inhouse.model.transformer import model_device
 from inhouse.weights.names import unpermute_hf_qk
 
 logger = logging.getLogger("inhouse.finetune")
@@ -256,7 +257,7 @@ def load_adapter(model, adapter: Union[str, AdapterSpec]) -> AdapterSpec:
                                f"from the LoRA layers already applied ({sorted(shape)}, {have})")
     else:
         apply_lora(model, spec.targets, rank=spec.rank, alpha=spec.alpha, use_rslora=spec.use_rslora)
-        dev = model.device
+        dev = model_device(model)
         for m in lora_modules(model).values():
             m.to(dev)
     _copy_into(model, spec)
@@ -325,7 +326,7 @@ class AdapterBank:
         self.rank = 1  # padded rank of the layers
         self.loads = 0
         self.evictions = 0
-        self.device = model.device
+        self.device = model_device(model)
 
     # ------------------------------------------------------------------ names
     def add(self, name: str, path: str) -> AdapterSpec:

@@ -4,11 +4,12 @@
 // int16 at a time. Compiled with AVX-512 (F, BW, VL, VNNI, BF16: recent Intel Xeons, AMD Zen 4+)
 // each of these is one register and each operation one instruction. Compiled with AVX2 + FMA +
 // F16C only (AMD Zen 2/3, most Intel desktop and older server parts) each is a pair of 256-bit
-// registers and the float operations do the same lane by lane. The integer dot products of a group
-// of 32 quantized weights and activations are exact on both, but each build lays a group out its
-// own way (`store_group`, `int4_groups`, `int8_group`: AVX2 keeps the even and the odd elements
-// apart so that unpacking weights needs shifts only, no lane-crossing shuffles), so the two builds
-// differ only in the order of fp32 sums (last-bit differences).
+// registers and the float operations do the same lane by lane. The integer dot products of a chunk
+// of 32 quantized weights and activations (quant_cpu.h: the columns of a chunk come from up to four
+// groups) are exact on both, but each build lays a chunk's activations out its own way
+// (`store_group`, `int4_groups`, `int8_group`: AVX2 keeps the even and the odd places apart so that
+// unpacking weights needs shifts only, no lane-crossing shuffles), so the two builds differ only in
+// the order of fp32 sums (last-bit differences).
 //
 // inhouse.kernels builds the sources once for the instruction set the CPU has, selected by the
 // compiler flags (__AVX512F__ ...).
@@ -69,13 +70,13 @@ inline vi to_int(vf a) { return _mm512_cvtps_epi32(a); }  // round to nearest ev
 inline vf to_float(vi a) { return _mm512_cvtepi32_ps(a); }
 inline vi u8_to_i32(__m128i b) { return _mm512_cvtepu8_epi32(b); }  // 16 bytes
 
-// A group of 32 quantized activations, (a: elements 0-15, b: 16-31) saturated to int16, in order.
+// A chunk of 32 quantized activations, (a: places 0-15, b: 16-31) saturated to int16, in order.
 inline void store_group(int16_t* p, vi a, vi b) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtsepi32_epi16(a));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16), _mm512_cvtsepi32_epi16(b));
 }
-// The two groups of 32 4-bit codes in a block of 32 bytes (group 2b: the low nibbles, 2b+1: the
-// high ones), as int16 in `store_group`'s order; and a group of 32 int8 weights.
+// The two chunks of 32 4-bit codes in 32 bytes (the first: the low nibbles, the second: the
+// high ones), as int16 in `store_group`'s order; and a chunk of 32 int8 weights.
 inline void int4_groups(__m256i wb, vw& g0, vw& g1) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   g0 = _mm512_cvtepu8_epi16(_mm256_and_si256(wb, low4));
@@ -221,7 +222,7 @@ inline vi u8_to_i32(__m128i b) { return {_mm256_cvtepu8_epi32(b), _mm256_cvtepu8
 // 16 int32 -> 16 int16 (saturated), in order: packs interleaves the 128-bit halves (lo0-3, hi0-3,
 // lo4-7, hi4-7), the permutation puts them back.
 inline __m256i pack16(vi a) { return _mm256_permute4x64_epi64(_mm256_packs_epi32(a.lo, a.hi), 0xD8); }
-// A group of 32 quantized activations (a: elements 0-15, b: 16-31) saturated to int16, stored as
+// A chunk of 32 quantized activations (a: places 0-15, b: 16-31) saturated to int16, stored as
 // its 16 even elements, then its 16 odd ones: the order in which `int4_groups` and `int8_group`
 // unpack weights with shifts alone.
 inline void store_group(int16_t* p, vi a, vi b) {
@@ -233,8 +234,8 @@ inline void store_group(int16_t* p, vi a, vi b) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute2x128_si256(v, w, 0x20));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16), _mm256_permute2x128_si256(v, w, 0x31));
 }
-// The block's 32 bytes as 16 int16 lanes: lane i holds bytes 2i and 2i+1, i.e. the codes of
-// elements 2i and 2i+1 of group 2b (low nibbles) and of group 2b+1 (high nibbles).
+// The 32 bytes as 16 int16 lanes: lane i holds bytes 2i and 2i+1, i.e. the codes of places 2i
+// and 2i+1 of the first chunk (low nibbles) and of the second (high nibbles).
 inline void int4_groups(__m256i wb, vw& g0, vw& g1) {
   const __m256i low4 = _mm256_set1_epi16(0x000F);
   g0 = {_mm256_and_si256(wb, low4), _mm256_and_si256(_mm256_srli_epi16(wb, 8), low4)};

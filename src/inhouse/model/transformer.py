@@ -200,6 +200,20 @@ class TransformerBlock(nn.Module):
         return h + self.feed_forward(self.ffn_norm(h))
 
 
+def model_dtype(model: nn.Module) -> torch.dtype:
+    """The dtype of a model's unquantized parameters and of its KV cache: its embedding table's (bf16
+    for quantized models), or what a 4-bit table (`Int4Embedding`) was loaded for. Any module with a
+    ``tok_embeddings`` (a `Transformer`, or something that wraps one)."""
+    emb = model.tok_embeddings
+    return emb.weight.dtype if isinstance(emb, nn.Embedding) else emb.dtype
+
+
+def model_device(model: nn.Module) -> torch.device:
+    """Where a model's weights are (any module with a ``tok_embeddings``)."""
+    emb = model.tok_embeddings
+    return emb.weight.device if isinstance(emb, nn.Embedding) else emb.device
+
+
 class Transformer(nn.Module):
     """A Llama 3.x decoder.
 
@@ -229,15 +243,13 @@ class Transformer(nn.Module):
 
     @property
     def dtype(self) -> torch.dtype:
-        """The dtype of the model's unquantized parameters and of its KV cache: the embedding
-        table's (bf16 for quantized models), or what a 4-bit table (`Int4Embedding`) was loaded for."""
-        emb = self.tok_embeddings
-        return emb.weight.dtype if isinstance(emb, nn.Embedding) else emb.dtype
+        """The dtype of the model's unquantized parameters and of its KV cache (`model_dtype`)."""
+        return model_dtype(self)
 
     @property
     def device(self) -> torch.device:
-        """Where the model's weights are."""
-        return self.norm.weight.device
+        """Where the model's weights are (`model_device`)."""
+        return model_device(self)
 
     def tie_weights(self) -> None:
         """Share the output projection with the embedding (after weights were assigned)."""

@@ -76,6 +76,7 @@ def run_serve(a: argparse.Namespace) -> int:
     from inhouse import LLM
     from inhouse.server.app import create_app, serve
     from inhouse.server.auth import ApiKeys
+    from inhouse.model.transformer import model_dtype
 
     keys: Optional[ApiKeys] = ApiKeys.from_file(a.api_key_file) if a.api_key_file else None
     if a.max_num_seqs < 1:
@@ -99,7 +100,7 @@ def run_serve(a: argparse.Namespace) -> int:
               chat_format=a.chat_format, chat_template=template, max_loras=max_loras,
               quantize=getattr(a, "quantize", "auto"), compile=getattr(a, "compile", False))
     if budget is not None:
-        elsize = llm.model.dtype.itemsize
+        elsize = model_dtype(llm.model).itemsize
         fit = seqs_for_budget(llm.loaded.args, llm.max_model_len, elsize, budget)
         if fit < max_num_seqs:
             logger.info("KV cache budget %s holds %d sequences of %d tokens; --max-num-seqs lowered from %d",
