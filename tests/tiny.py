@@ -50,13 +50,11 @@ def _int4_codes(w: torch.Tensor):
 
 def tiny_with_4bit_vocabulary(seed: int = 0):
     """A tied tiny model loaded the way a GGUF file with a Q4_1 token_embd is: every matrix as 4-bit codes."""
-    import dataclasses
-
     from inhouse.model.quant import quantize_tensor
     from inhouse.model.transformer import Transformer
 
     dense = make_tiny_llama(seed=seed, std=0.3)
-    args = dataclasses.replace(dense.args, tie_embeddings=True)
+    args = dense.args.replace(tie_embeddings=True)
     with torch.device("meta"):
         model = Transformer(args)
     ref = Transformer(args)  # the same weights, dense fp32: the file's values

@@ -384,8 +384,7 @@ class Engine:
         """The whole context at once where cache memory becomes resident only as it is written
         (`kv_cache.zeros`) and fits in memory even if every slot fills; otherwise 256 positions,
         doubled as sequences grow (each growth writes the whole new cache)."""
-        a = model.args
-        nbytes = 2 * a.n_layers * max_num_seqs * a.n_kv_heads * max_model_len * a.head_dim * model_dtype(model).itemsize
+        nbytes = max_num_seqs * model.args.kv_cache_bytes(max_model_len, model_dtype(model).itemsize)
         if lazy_zeros_possible(self.device) and nbytes <= available_bytes():
             return max_model_len
         return min(max_model_len, 256)

@@ -223,20 +223,16 @@ void attend_head(const float* q, const uint16_t* kc, const uint16_t* vc, int64_t
   }
 }
 
-// Row n of a 4-bit matrix in fp32: code * step + min per element (a multiply, then an add: as
-// inhouse.model.quant.int4_rows computes it).
+// Row n of a 4-bit matrix in fp32 (`int4_group_values`).
 inline void int4_row(const Linear& L, int64_t n, float* out) {
-  using namespace simd;
   const int64_t G = L.K / kGroup;
-  const uint8_t* w = L.w4 + n * (L.K / 2);
   const uint16_t* st = reinterpret_cast<const uint16_t*>(L.steps + n * G);
   const uint16_t* mn = reinterpret_cast<const uint16_t*>(L.mins + n * G);
   for (int64_t g = 0; g < G; ++g) {
-    __m128i c0, c1;
-    int4_group_codes(w, L.K, g, c0, c1);
-    const vf step = set1(_cvtsh_ss(st[g])), lo = set1(_cvtsh_ss(mn[g]));
-    store(out + g * kGroup, add(mul(to_float(u8_to_i32(c0)), step), lo));
-    store(out + g * kGroup + 16, add(mul(to_float(u8_to_i32(c1)), step), lo));
+    simd::vf f0, f1;
+    int4_group_values(L.w4 + n * (L.K / 2), L.K, g, st[g], mn[g], f0, f1);
+    simd::store(out + g * kGroup, f0);
+    simd::store(out + g * kGroup + 16, f1);
   }
 }
 

@@ -136,12 +136,9 @@ at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& steps, const a
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
       for (int64_t g = 0; g < G; ++g) {
-        __m128i c0, c1;
-        int4_group_codes(wp + n * (K / 2), K, g, c0, c1);
-        const simd::vf step = simd::set1(static_cast<float>(spp[n * G + g]));
-        const simd::vf lo = simd::set1(static_cast<float>(mpp[n * G + g]));
-        const simd::vf f0 = simd::add(simd::mul(simd::to_float(simd::u8_to_i32(c0)), step), lo);
-        const simd::vf f1 = simd::add(simd::mul(simd::to_float(simd::u8_to_i32(c1)), step), lo);
+        simd::vf f0, f1;
+        int4_group_values(wp + n * (K / 2), K, g, reinterpret_cast<const uint16_t*>(spp)[n * G + g],
+                          reinterpret_cast<const uint16_t*>(mpp)[n * G + g], f0, f1);
         if (fp32) {
           simd::store(of + n * K + g * kGroup, f0);
           simd::store(of + n * K + g * kGroup + 16, f1);

@@ -98,6 +98,18 @@ inline void int4_group_codes(const uint8_t* w, int64_t K, int64_t g, __m128i& c0
   }
 }
 
+// Group g of a 4-bit row in fp32, columns 0-15 in f0 and 16-31 in f1: code * step + min, a
+// multiply then an add (as PyTorch's ops and inhouse.model.quant.int4_rows compute it).
+inline void int4_group_values(const uint8_t* w, int64_t K, int64_t g, uint16_t step, uint16_t min, simd::vf& f0,
+                              simd::vf& f1) {
+  using namespace simd;
+  __m128i c0, c1;
+  int4_group_codes(w, K, g, c0, c1);
+  const vf st = set1(_cvtsh_ss(step)), mn = set1(_cvtsh_ss(min));
+  f0 = add(mul(to_float(u8_to_i32(c0)), st), mn);
+  f1 = add(mul(to_float(u8_to_i32(c1)), st), mn);
+}
+
 template <int R>
 void rows_times_int4(int64_t n0, int64_t n1, int64_t K, const uint8_t* w, const at::Half* steps,
                         const at::Half* mins, const int16_t* xq, const float* xs, const float* xsum,

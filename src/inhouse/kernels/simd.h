@@ -85,7 +85,7 @@ inline void int4_groups(__m256i wb, vw& g0, vw& g1) {
 inline vw int8_group(__m256i wb) { return _mm512_cvtepi8_epi16(wb); }
 inline vw load_i16(const int16_t* p) { return _mm512_loadu_si512(p); }  // 32 values
 
-// [a's 8-lane half H, b's 8-lane half H] (16 int32): the chunks of `chunk_of_quad`.
+// [a's 8-lane half H, b's 8-lane half H] (16 int32): a quad's chunks in `quantize_row` (quant_cpu.h).
 template <int H>
 inline vi halves(vi a, vi b) { return _mm512_shuffle_i64x2(a, b, H ? 0xEE : 0x44); }
 

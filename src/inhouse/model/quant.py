@@ -117,10 +117,11 @@ def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
     return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
 
 
-def _unpack_nibbles(packed: torch.Tensor) -> torch.Tensor:
+def _native_codes(packed: torch.Tensor) -> torch.Tensor:
+    """(N, K/2) bytes of the native layout -> (N, K) codes in column order."""
     n, k = packed.shape[0], packed.shape[1] * 2
     q = packed.view(n, k // 64, 1, 32)
-    return torch.cat((q & 15, q >> 4), dim=2).view(n, k)
+    return torch.cat((q & 15, q >> 4), dim=2).view(n, k)[:, native_order(k)[1]]
 
 
 class QuantizeError(ValueError):
@@ -363,7 +364,7 @@ class Int4Linear(nn.Module):
         """The (N, K) uint8 codes 0..15."""
         n, k = self.out_features, self.in_features
         if self.native:
-            return _unpack_nibbles(self.weight_q4)[:, native_order(k)[1]]
+            return _native_codes(self.weight_q4)
         if self.weight_nibbles.numel() == 0:
             return unpack_int4pack(self.weight_int4pack, n, k)
         return torch.stack((self.weight_nibbles & 15, self.weight_nibbles >> 4), dim=-1).view(n, k)
@@ -418,7 +419,7 @@ def int4_rows(weight_q4: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, 
     """Rows `idx` ((n,) int64) of a native-layout 4-bit matrix (`Int4Linear`'s ``weight_q4``,
     ``steps``, ``mins``) in fp32: ``code * step + min`` per element, a multiply then an add."""
     n, k = idx.numel(), weight_q4.shape[1] * 2
-    codes = _unpack_nibbles(weight_q4[idx])[:, native_order(k)[1]].view(n, k // INT4_GROUP, INT4_GROUP).float()
+    codes = _native_codes(weight_q4[idx]).view(n, k // INT4_GROUP, INT4_GROUP).float()
     return (codes * steps[idx].float()[..., None] + mins[idx].float()[..., None]).view(n, k)
 
 
