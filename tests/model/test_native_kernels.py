@@ -14,28 +14,38 @@ from inhouse.model.quant import Int4Linear, Int8Linear, native_order
 pytestmark = pytest.mark.skipif(cpu_isa() is None, reason="the native kernels need AVX-512 VNNI or AVX2")
 
 
-def spec_order(k: int) -> list[int]:
+def spec_order(k: int, lanes: int = 0) -> list[int]:
     """The kernels' column order as inhouse/kernels/quant_cpu.h describes it, written out by hand:
-    groups of 32 four at a time (quads), the last two as a pair; quad chunk c holds columns
-    8c..8c+7 of each of its groups, pair chunk c columns 16c..16c+15 of each of its two."""
+    groups of 32 in blocks of `lanes` (16 on AVX-512, 8 on AVX2: this CPU's by default), the rest in
+    blocks of lanes/2, lanes/4, ... 2; block chunk c holds columns w*c .. w*c + w-1 of each of its P
+    groups, w = 32 / P."""
+    lanes = lanes or (16 if cpu_isa() == "avx512" else 8)
     order, g, G = [], 0, k // 32
-    while g + 4 <= G:
-        for c in range(4):
-            for group in range(g, g + 4):
-                order += [32 * group + 8 * c + i for i in range(8)]
-        g += 4
-    if g < G:
-        for c in range(2):
-            for group in (g, g + 1):
-                order += [32 * group + 16 * c + i for i in range(16)]
+    while g < G:
+        P = lanes
+        while P > G - g:
+            P //= 2
+        w = 32 // P
+        for c in range(P):
+            for group in range(g, g + P):
+                order += [32 * group + w * c + i for i in range(w)]
+        g += P
     return order
 
 
-@pytest.mark.parametrize("k", [64, 128, 192, 576, 1536])
-def test_native_order_is_the_documented_one(k):
-    order, inverse = native_order(k)
-    assert order.tolist() == spec_order(k)
+@pytest.mark.parametrize("lanes", [16, 8])
+@pytest.mark.parametrize("k", [64, 128, 192, 576, 960, 1536])
+def test_native_order_is_the_documented_one(k, lanes):
+    order, inverse = native_order(k, lanes)
+    assert order.tolist() == spec_order(k, lanes)
     assert torch.equal(order[inverse], torch.arange(k))
+
+
+def test_blocks_are_as_wide_as_the_instruction_set():
+    # 576 columns = 18 groups: a block of 16 and one of 2 (AVX-512), or two of 8 and one of 2 (AVX2)
+    assert spec_order(576, 16)[:4] == [0, 1, 32, 33] and spec_order(576, 16)[512:516] == [512, 513, 514, 515]
+    assert spec_order(576, 8)[:6] == [0, 1, 2, 3, 32, 33]
+    assert native_order(576)[0].tolist() == spec_order(576)
 
 
 def pack_int4(codes: torch.Tensor) -> torch.Tensor:

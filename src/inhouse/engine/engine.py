@@ -483,7 +483,9 @@ class Engine:
                 ready.append(seq)
                 rows.append(last)
         if ready:
-            tokens, lp = self._sample(ready, torch.stack(rows))
+            # every row's last logits, in order (most decode steps): a view, not a (B, V) copy
+            whole = len(ready) == logits.shape[0] and all(r is s for r, s in zip(ready, seqs))
+            tokens, lp = self._sample(ready, logits[:, -1] if whole else torch.stack(rows))
             for j, seq in enumerate(ready):
                 updates.append(self._append(seq, tokens[j], None if lp is None else tuple(x[j] for x in lp)))
         return updates

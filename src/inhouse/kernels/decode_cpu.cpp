@@ -75,12 +75,13 @@ struct Linear {
   const char* base() const { return w4 != nullptr ? reinterpret_cast<const char*>(w4) : reinterpret_cast<const char*>(w8); }
 };
 
-// M activation rows quantized for the row kernels: q (M, K) int16; scales and sums (M, G16).
+// M activation rows quantized for the row kernels: q (M x K int16, `quantize_row`'s layout);
+// scales and sums (M, G16).
 struct Act {
   const int16_t* q;
   const float* scales;
   const float* sums;
-  int64_t K, G16;
+  int64_t K, G16, M;
 };
 
 // Output rows [n0, n1) of `L` for all M rows of `a`: out[m * ldo + n]. Sixteen weight rows at a
@@ -96,22 +97,21 @@ void linear_rows(const Linear& L, int64_t n0, int64_t n1, const Act& a, int64_t 
     const int64_t ne = std::min<int64_t>(nb + 16, n1);
     for (int64_t m = 0; m < M; m += kTileRows) {
       const int r = static_cast<int>(std::min<int64_t>(kTileRows, M - m));
-      const int16_t* q = a.q + m * a.K;
       const float* s = a.scales + m * a.G16;
       const float* su = a.sums + m * a.G16;
       float* o = out + m * ldo;
       if (L.w4 != nullptr) {
         switch (r) {
-#define INHOUSE_TILE(R) case R: rows_times_int4<R>(nb, ne, L.K, L.w4, L.steps, L.mins, q, s, su, a.G16, o, ldo); break;
+#define INHOUSE_TILE(R) case R: rows_times_int4<R>(nb, ne, L.K, L.w4, L.steps, L.mins, a.q, a.M, m, s, su, a.G16, o, ldo); break;
           INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
-          default: rows_times_int4<1>(nb, ne, L.K, L.w4, L.steps, L.mins, q, s, su, a.G16, o, ldo); break;
+          default: rows_times_int4<1>(nb, ne, L.K, L.w4, L.steps, L.mins, a.q, a.M, m, s, su, a.G16, o, ldo); break;
 #undef INHOUSE_TILE
         }
       } else {
         switch (r) {
-#define INHOUSE_TILE(R) case R: rows_times_int8<R>(nb, ne, L.K, L.w8, L.row_scales, q, s, a.G16, o, ldo); break;
+#define INHOUSE_TILE(R) case R: rows_times_int8<R>(nb, ne, L.K, L.w8, L.row_scales, a.q, a.M, m, s, a.G16, o, ldo); break;
           INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
-          default: rows_times_int8<1>(nb, ne, L.K, L.w8, L.row_scales, q, s, a.G16, o, ldo); break;
+          default: rows_times_int8<1>(nb, ne, L.K, L.w8, L.row_scales, a.q, a.M, m, s, a.G16, o, ldo); break;
 #undef INHOUSE_TILE
         }
       }
@@ -223,17 +223,14 @@ void attend_head(const float* q, const uint16_t* kc, const uint16_t* vc, int64_t
   }
 }
 
-// Row n of a 4-bit matrix in fp32 (`int4_group_values`).
+// Row n of a 4-bit matrix in fp32 (`int4_row_values`).
 inline void int4_row(const Linear& L, int64_t n, float* out) {
   const int64_t G = L.K / kGroup;
-  const uint16_t* st = reinterpret_cast<const uint16_t*>(L.steps + n * G);
-  const uint16_t* mn = reinterpret_cast<const uint16_t*>(L.mins + n * G);
-  for (int64_t g = 0; g < G; ++g) {
-    simd::vf f0, f1;
-    int4_group_values(L.w4 + n * (L.K / 2), L.K, g, st[g], mn[g], f0, f1);
-    simd::store(out + g * kGroup, f0);
-    simd::store(out + g * kGroup + 16, f1);
-  }
+  int4_row_values(L.w4 + n * (L.K / 2), reinterpret_cast<const uint16_t*>(L.steps) + n * G,
+                  reinterpret_cast<const uint16_t*>(L.mins) + n * G, L.K, [&](int64_t g, simd::vf f0, simd::vf f1) {
+                    simd::store(out + g * kGroup, f0);
+                    simd::store(out + g * kGroup + 16, f1);
+                  });
 }
 
 // Indices of the k largest of v[0..n) (any order).
@@ -275,9 +272,9 @@ struct Layer {
 // Per-thread scratch: the activations each thread quantizes for itself (every thread computes
 // the same norms and quantization of the same inputs, which costs less than a barrier).
 struct Scratch {
-  std::vector<float> xn, tmp, tmp2, scores, cs;
-  std::vector<int16_t> q;
-  std::vector<float> scales, sums;
+  AlignedVector<float> xn, tmp, tmp2, scores, cs;
+  AlignedVector<int16_t> q;
+  AlignedVector<float> scales, sums;
 };
 
 class FusedDecoder : public torch::CustomClassHolder {
@@ -448,8 +445,8 @@ class FusedDecoder : public torch::CustomClassHolder {
       };
       Scratch& sc = scratch_[t];
       auto quantize = [&](const float* x, int64_t K, int64_t M) -> Act {  // M rows of K, stride K
-        for (int64_t b = 0; b < M; ++b) quantize_row(x + b * K, K, sc.q.data() + b * K, sc.scales.data() + b * g16, sc.sums.data() + b * g16);
-        return Act{sc.q.data(), sc.scales.data(), sc.sums.data(), K, g16};
+        for (int64_t b = 0; b < M; ++b) quantize_row(x + b * K, K, M, b, sc.q.data(), sc.scales.data() + b * g16, sc.sums.data() + b * g16);
+        return Act{sc.q.data(), sc.scales.data(), sc.sums.data(), K, g16, M};
       };
       auto norm_and_quantize = [&](const float* w) -> Act {
         for (int64_t b = 0; b < B; ++b) rms_norm(h_.data() + b * D_, w, D_, eps_, sc.xn.data() + b * D_);
@@ -588,12 +585,12 @@ class FusedDecoder : public torch::CustomClassHolder {
   static constexpr int64_t kKeepScratchRows = 64;
 
   void release_scratch() {
-    for (std::vector<float>* v : {&h_, &qkv_, &y_, &g_}) std::vector<float>().swap(*v);
+    for (AlignedVector<float>* v : {&h_, &qkv_, &y_, &g_}) AlignedVector<float>().swap(*v);
     for (Scratch& sc : scratch_) {
-      for (std::vector<float>* v : {&sc.xn, &sc.tmp, &sc.tmp2, &sc.scores, &sc.cs, &sc.scales, &sc.sums}) {
-        std::vector<float>().swap(*v);
+      for (AlignedVector<float>* v : {&sc.xn, &sc.tmp, &sc.tmp2, &sc.scores, &sc.cs, &sc.scales, &sc.sums}) {
+        AlignedVector<float>().swap(*v);
       }
-      std::vector<int16_t>().swap(sc.q);
+      AlignedVector<int16_t>().swap(sc.q);
     }
   }
 
@@ -637,7 +634,7 @@ class FusedDecoder : public torch::CustomClassHolder {
   std::vector<uint16_t*> kc_, vc_;
   int64_t cache_rows_ = 0, cache_len_ = 0;
   std::vector<at::Tensor> keep_, caches_;  // what the raw pointers point into
-  std::vector<float> h_, qkv_, y_, g_;
+  AlignedVector<float> h_, qkv_, y_, g_;
   std::vector<int64_t> top_;
   std::vector<Scratch> scratch_;
   std::unique_ptr<Counter[]> counters_;  // per step: each layer's attention units

@@ -26,13 +26,13 @@ struct QuantizedRows {
 
 QuantizedRows quantize_rows(const at::Tensor& x) {
   const int64_t M = x.size(0), K = x.size(1), G16 = (K / kGroup + 15) / 16 * 16;
-  thread_local std::vector<int16_t> xq;
-  thread_local std::vector<float> xs, xsum;
+  thread_local AlignedVector<int16_t> xq;
+  thread_local AlignedVector<float> xs, xsum;
   xq.resize(M * K);
   xs.assign(M * G16, 0.0f);
   xsum.assign(M * G16, 0.0f);
   const float* xp = x.data_ptr<float>();
-  for (int64_t m = 0; m < M; ++m) quantize_row(xp + m * K, K, xq.data() + m * K, xs.data() + m * G16, xsum.data() + m * G16);
+  for (int64_t m = 0; m < M; ++m) quantize_row(xp + m * K, K, M, m, xq.data(), xs.data() + m * G16, xsum.data() + m * G16);
   return {xq.data(), xs.data(), xsum.data(), G16};
 }
 
@@ -75,14 +75,13 @@ at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
   const at::Half* spp = sc.data_ptr<at::Half>();
   const at::Half* mpp = mc.data_ptr<at::Half>();
   over_tiles(M, N, reinterpret_cast<const char*>(wp), K / 2, [&](int64_t r, int64_t n0, int64_t n1, int64_t m) {
-    const int16_t* q = xr.q + m * K;
     const float* s = xr.scales + m * xr.G16;
     const float* su = xr.sums + m * xr.G16;
     float* o = op + m * N;
     switch (r) {
-#define INHOUSE_TILE(R) case R: rows_times_int4<R>(n0, n1, K, wp, spp, mpp, q, s, su, xr.G16, o, N); break;
+#define INHOUSE_TILE(R) case R: rows_times_int4<R>(n0, n1, K, wp, spp, mpp, xr.q, M, m, s, su, xr.G16, o, N); break;
       INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
-      default: rows_times_int4<1>(n0, n1, K, wp, spp, mpp, q, s, su, xr.G16, o, N); break;
+      default: rows_times_int4<1>(n0, n1, K, wp, spp, mpp, xr.q, M, m, s, su, xr.G16, o, N); break;
 #undef INHOUSE_TILE
     }
   });
@@ -104,13 +103,12 @@ at::Tensor int8_mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor
   const int8_t* wp = wc.data_ptr<int8_t>();
   const float* sp = sc.data_ptr<float>();
   over_tiles(M, N, reinterpret_cast<const char*>(wp), K, [&](int64_t r, int64_t n0, int64_t n1, int64_t m) {
-    const int16_t* q = xr.q + m * K;
     const float* s = xr.scales + m * xr.G16;
     float* o = op + m * N;
     switch (r) {
-#define INHOUSE_TILE(R) case R: rows_times_int8<R>(n0, n1, K, wp, sp, q, s, xr.G16, o, N); break;
+#define INHOUSE_TILE(R) case R: rows_times_int8<R>(n0, n1, K, wp, sp, xr.q, M, m, s, xr.G16, o, N); break;
       INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
-      default: rows_times_int8<1>(n0, n1, K, wp, sp, q, s, xr.G16, o, N); break;
+      default: rows_times_int8<1>(n0, n1, K, wp, sp, xr.q, M, m, s, xr.G16, o, N); break;
 #undef INHOUSE_TILE
     }
   });
@@ -135,18 +133,16 @@ at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& steps, const a
   float* of = fp32 ? out.data_ptr<float>() : nullptr;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      for (int64_t g = 0; g < G; ++g) {
-        simd::vf f0, f1;
-        int4_group_values(wp + n * (K / 2), K, g, reinterpret_cast<const uint16_t*>(spp)[n * G + g],
-                          reinterpret_cast<const uint16_t*>(mpp)[n * G + g], f0, f1);
-        if (fp32) {
-          simd::store(of + n * K + g * kGroup, f0);
-          simd::store(of + n * K + g * kGroup + 16, f1);
-        } else {
-          simd::store_bf16(op + n * K + g * kGroup, f0);
-          simd::store_bf16(op + n * K + g * kGroup + 16, f1);
-        }
-      }
+      int4_row_values(wp + n * (K / 2), reinterpret_cast<const uint16_t*>(spp) + n * G, reinterpret_cast<const uint16_t*>(mpp) + n * G, K,
+                      [&](int64_t g, simd::vf f0, simd::vf f1) {
+                        if (fp32) {
+                          simd::store(of + n * K + g * kGroup, f0);
+                          simd::store(of + n * K + g * kGroup + 16, f1);
+                        } else {
+                          simd::store_bf16(op + n * K + g * kGroup, f0);
+                          simd::store_bf16(op + n * K + g * kGroup + 16, f1);
+                        }
+                      });
     }
   });
   return out;

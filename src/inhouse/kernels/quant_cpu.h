@@ -3,16 +3,17 @@
 // whole decode step in one call).
 //
 // Weights: groups of 32 input columns, w = code * step + min (GGUF Q4_1's form), codes 0..15.
-//   w (N, K/2) uint8: per output row, the codes in chunk order (`quads` below), two per byte.
+//   w (N, K/2) uint8: per output row, the codes in block order (`block_groups` below), two per byte.
 //   steps, mins (N, K/32) fp16.
-//   Or int8 (N, K) in chunk order with one fp32 scale per row.
+//   Or int8 (N, K) in block order with one fp32 scale per row.
 // Activations: each row is quantized per group of 32 to int16 with its own scale (max|x| / 32767:
 //   finer than bf16; int8 here moved ~5% of SmolLM2's greedy tokens); the mins term uses the
 //   exact fp32 group sums of x.
 // y[m, n] = sum_g step[n,g] * xs[m,g] * sum_{k in g} code[n,k] * xq[m,k] + sum_g min[n,g] * xsum[m,g]
 //
-// Each output element is computed the same way whatever the number of rows is, so a row's result
-// does not depend on the batch it is in.
+// Each output element is computed the same way whatever the number of rows is (integer dot
+// products are exact whatever their order, and every fp32 operation on an output is the same), so
+// a row's result does not depend on the batch it is in.
 
 #pragma once
 
@@ -22,6 +23,11 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <cstdlib>
+#include <cstring>
+#include <new>
+#include <type_traits>
+#include <vector>
 
 namespace inhouse_kernels {
 
@@ -34,172 +40,341 @@ using simd::kTileRows;  // activation rows served by one pass over the weights
 #endif
 constexpr int64_t kPrefetch = INHOUSE_PREFETCH;  // bytes ahead of the weight row being read
 
-// Column order of weights and activations ("chunks", the same for both matrices): a row's groups
-// are taken four at a time (a quad: 128 columns), the last two as a pair when their number is not a
-// multiple of 4. A quad is four chunks of 32 columns, chunk c holding columns 8c..8c+7 of each of
-// its groups (in group order); a pair is two chunks, chunk c holding columns 16c..16c+15 of each of
-// its two groups. 4-bit weights pack two chunks per 32 bytes (byte j: place j of the first chunk in
-// its low nibble, of the second in its high one); int8 weights are the chunks' bytes. The integer
-// dot products of a quad then accumulate in one vector whose lanes each belong to one group
-// (simd.h), scaled once per quad. inhouse.model.quant.native_order is the same order.
-inline int64_t quads(int64_t G) { return G / 4; }
+// Buffers of quantized activations and other vectors the kernels load 64 bytes at a time: aligned
+// to cache lines, so that no load straddles two of them (a straddling 64-byte load costs two; on
+// AVX-512 with activations at malloc's 16-byte alignment the row kernels ran ~1.5x slower).
+template <typename T>
+struct CacheLineAllocator {
+  using value_type = T;
+  CacheLineAllocator() = default;
+  template <typename U>
+  CacheLineAllocator(const CacheLineAllocator<U>&) {}
+  T* allocate(size_t n) {
+    void* p = std::aligned_alloc(64, (n * sizeof(T) + 63) / 64 * 64);
+    if (p == nullptr) throw std::bad_alloc();
+    return static_cast<T*>(p);
+  }
+  void deallocate(T* p, size_t) { std::free(p); }
+  template <typename U>
+  bool operator==(const CacheLineAllocator<U>&) const { return true; }
+  template <typename U>
+  bool operator!=(const CacheLineAllocator<U>&) const { return false; }
+};
+template <typename T>
+using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
 
-// Quantize one activation row: xq (K) int16 with one scale per group of 32 (xs, G) and the
-// exact group sums (xsum, G padded to 16 with zeros), xq in chunks (above), each stored in the
-// order this build's row kernels read it (simd.h `store_group`).
-inline void quantize_row(const float* x, int64_t K, int16_t* xq, float* xs, float* xsum) {
+// Column order of weights and activations ("blocks" of "chunks", the same for both matrices): a
+// row's groups are taken kLanes at a time (a block: 16 groups on AVX-512, 8 on AVX2, simd.h), the
+// rest in blocks of kLanes/2, kLanes/4, ... down to 2 (the number of groups is even). A block of P
+// groups is P chunks of 32 columns, chunk c holding columns w*c .. w*c + w-1 of each of its groups
+// (w = 32 / P), in group order. 4-bit weights pack two chunks per 32 bytes (byte j: place j of
+// the first chunk in its low nibble, of the second in its high one); int8 weights are the chunks'
+// bytes. A chunk's integer dot products land in kLanes lanes, each lane covering 32 / kLanes
+// consecutive places: in a block of kLanes groups, one lane per group, so the block is converted
+// and scaled once (3 vector operations per 16 dot products on AVX-512), not once per group.
+// inhouse.model.quant.native_order is the same order.
+inline int block_groups(int64_t G, int64_t g0) {  // the size of the block starting at group g0
+  int P = simd::kLanes;
+  while (P > G - g0) P /= 2;
+  return P;
+}
+
+// The transposition between a block's groups and its chunks: chunk c, place i * w + k (w = 32 /
+// P) is column c * w + k of group i. `groups` (P x 32 int16, each group's columns in order) ->
+// the P chunks in the order this build's row kernels read them (simd.h `store_chunk`).
+inline void block_chunks(const int16_t* groups, int P, int16_t* out) {
+  const int w = static_cast<int>(kGroup) / P;
+  alignas(64) int16_t chunk[kGroup];
+  for (int c = 0; c < P; ++c) {
+    for (int i = 0; i < P; ++i) std::memcpy(chunk + i * w, groups + i * kGroup + c * w, w * sizeof(int16_t));
+    simd::store_chunk(out + c * kGroup, chunk);
+  }
+}
+
+// Quantize row b of M activation rows: int16 with one scale per group of 32 (xs, G) and the exact
+// group sums (xsum, G padded to 16 with zeros). The M rows' int16 values (xq, M x K) are stored
+// block by block (above), each block with the M rows' chunks one row after the other: row b's
+// chunk c of the block at group g0 (P groups) is at xq + (g0 * M + b * P + c) * 32, so that a row
+// kernel reaches every row of a tile from one pointer.
+inline void quantize_row(const float* x, int64_t K, int64_t M, int64_t b, int16_t* xq, float* xs, float* xsum) {
   using namespace simd;
   const int64_t G = K / kGroup;
-  vi v[4][2];  // a quad's groups, quantized: elements 0-15 and 16-31 of each
-  auto group = [&](int64_t g, vi& lo, vi& hi) {
-    const float* xg = x + g * kGroup;
-    const vf a = load(xg), b = load(xg + 16);
-    const float amax = reduce_max(max(abs(a), abs(b)));
-    xsum[g] = reduce_add(add(a, b));
-    xs[g] = amax / 32767.0f;
-    const vf vinv = set1(amax > 0.0f ? 32767.0f / amax : 0.0f);
-    lo = to_int(round(mul(a, vinv)));
-    hi = to_int(round(mul(b, vinv)));
-  };
-  int64_t g = 0;
-  for (; g + 4 <= G; g += 4) {
-    for (int i = 0; i < 4; ++i) group(g + i, v[i][0], v[i][1]);
-    int16_t* o = xq + g * kGroup;
-    store_group(o, halves<0>(v[0][0], v[1][0]), halves<0>(v[2][0], v[3][0]));       // columns 0-7 of each
-    store_group(o + 32, halves<1>(v[0][0], v[1][0]), halves<1>(v[2][0], v[3][0]));  // 8-15
-    store_group(o + 64, halves<0>(v[0][1], v[1][1]), halves<0>(v[2][1], v[3][1]));  // 16-23
-    store_group(o + 96, halves<1>(v[0][1], v[1][1]), halves<1>(v[2][1], v[3][1]));  // 24-31
-  }
-  if (g < G) {  // a pair
-    group(g, v[0][0], v[0][1]);
-    group(g + 1, v[1][0], v[1][1]);
-    store_group(xq + g * kGroup, v[0][0], v[1][0]);       // columns 0-15 of each
-    store_group(xq + g * kGroup + 32, v[0][1], v[1][1]);  // 16-31
-  }
-}
-
-// The codes of group g of a 4-bit row (K columns, chunk layout) in column order: columns 0-15 in
-// c0, 16-31 in c1 (one byte each).
-inline void int4_group_codes(const uint8_t* w, int64_t K, int64_t g, __m128i& c0, __m128i& c1) {
-  const __m128i low4 = _mm_set1_epi8(0x0F);
-  const int64_t q = g / 4;
-  if (q < quads(K / kGroup)) {  // bytes 8i.. of the quad's two 32-byte halves: chunks 0/1 and 2/3
-    const int i = static_cast<int>(g % 4);
-    const uint8_t* p = w + q * 64;
-    const __m128i b = _mm_unpacklo_epi64(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 8 * i)),
-                                         _mm_loadl_epi64(reinterpret_cast<const __m128i*>(p + 32 + 8 * i)));
-    const __m128i lo = _mm_and_si128(b, low4), hi = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
-    c0 = _mm_unpacklo_epi64(lo, hi);  // columns 0-7 (chunk 0), 8-15 (chunk 1)
-    c1 = _mm_unpackhi_epi64(lo, hi);  // 16-23, 24-31
-  } else {  // a pair: bytes 16i.. of its 32 bytes
-    const __m128i b = _mm_loadu_si128(reinterpret_cast<const __m128i*>(w + q * 64 + 16 * (g % 2)));
-    c0 = _mm_and_si128(b, low4);
-    c1 = _mm_and_si128(_mm_srli_epi16(b, 4), low4);
+  alignas(64) int16_t groups[kLanes * kGroup];  // a block's groups, quantized, columns in order
+  for (int64_t g0 = 0; g0 < G;) {
+    const int P = block_groups(G, g0);
+    auto group = [&](int i, vi& lo, vi& hi) {
+      const int64_t g = g0 + i;
+      const float* xg = x + g * kGroup;
+      const vf a = load(xg), b = load(xg + 16);
+      const float amax = reduce_max(max(abs(a), abs(b)));
+      xsum[g] = reduce_add(add(a, b));
+      xs[g] = amax / 32767.0f;
+      const vf vinv = set1(amax > 0.0f ? 32767.0f / amax : 0.0f);
+      lo = to_int(round(mul(a, vinv)));
+      hi = to_int(round(mul(b, vinv)));
+    };
+    int16_t* out = xq + (g0 * M + b * P) * kGroup;
+#ifdef INHOUSE_SIMD_TRANSPOSE16
+    if (P == 16) {  // a group's 32 values are 16 pairs, a chunk takes pair c of each: a 16 x 16 transposition
+      __m512i r[16];
+      for (int i = 0; i < 16; ++i) {
+        vi lo, hi;
+        group(i, lo, hi);
+        r[i] = pack_i16(lo, hi);
+      }
+      transpose16(r);
+      for (int c = 0; c < 16; ++c) _mm512_storeu_si512(out + c * kGroup, r[c]);
+      g0 += P;
+      continue;
+    }
+#endif
+    for (int i = 0; i < P; ++i) {
+      vi lo, hi;
+      group(i, lo, hi);
+      store_i16(groups + i * kGroup, lo, hi);
+    }
+    block_chunks(groups, P, out);
+    g0 += P;
   }
 }
 
-// Group g of a 4-bit row in fp32, columns 0-15 in f0 and 16-31 in f1: code * step + min, a
-// multiply then an add (as PyTorch's ops and inhouse.model.quant.int4_rows compute it).
-inline void int4_group_values(const uint8_t* w, int64_t K, int64_t g, uint16_t step, uint16_t min, simd::vf& f0,
-                              simd::vf& f1) {
+// The codes of the block of P groups at g0 of a 4-bit row as int16, in column order: codes[i * 32 +
+// k] is column k of group g0 + i.
+inline void int4_block_codes(const uint8_t* w, int64_t g0, int P, int16_t* codes) {
+  const uint8_t* wb = w + g0 * (kGroup / 2);
+#ifdef INHOUSE_SIMD_TRANSPOSE16
+  if (P == 16) {  // the chunks as int16 (in order on AVX-512), transposed back into groups
+    __m512i r[16];
+    for (int u = 0; u < 8; ++u) simd::int4_groups(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * u)), r[2 * u], r[2 * u + 1]);
+    simd::transpose16(r);
+    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(codes + i * kGroup, r[i]);
+    return;
+  }
+#endif
+  alignas(64) uint8_t chunks[simd::kLanes * kGroup];  // the block's chunks, in place order
+  const __m256i low4 = _mm256_set1_epi8(0x0F);
+  for (int u = 0; u < P / 2; ++u) {
+    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * u));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(chunks + 64 * u), _mm256_and_si256(b, low4));
+    _mm256_storeu_si256(reinterpret_cast<__m256i*>(chunks + 64 * u + 32), _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
+  }
+  const int wd = static_cast<int>(kGroup) / P;
+  for (int i = 0; i < P; ++i)
+    for (int c = 0; c < P; ++c)
+      for (int k = 0; k < wd; ++k) codes[i * kGroup + c * wd + k] = chunks[c * kGroup + i * wd + k];
+}
+
+// Row n of a 4-bit matrix (K columns) in fp32, code * step + min per element (a multiply then an
+// add, as PyTorch's ops and inhouse.model.quant.int4_rows compute it): `put(g, f0, f1)` receives
+// group g's columns 0-15 and 16-31.
+template <typename Put>
+inline void int4_row_values(const uint8_t* w, const uint16_t* steps, const uint16_t* mins, int64_t K, const Put& put) {
   using namespace simd;
-  __m128i c0, c1;
-  int4_group_codes(w, K, g, c0, c1);
-  const vf st = set1(_cvtsh_ss(step)), mn = set1(_cvtsh_ss(min));
-  f0 = add(mul(to_float(u8_to_i32(c0)), st), mn);
-  f1 = add(mul(to_float(u8_to_i32(c1)), st), mn);
+  const int64_t G = K / kGroup;
+  alignas(64) int16_t codes[kLanes * kGroup];
+  for (int64_t g0 = 0; g0 < G;) {
+    const int P = block_groups(G, g0);
+    int4_block_codes(w, g0, P, codes);
+    for (int i = 0; i < P; ++i) {
+      const int64_t g = g0 + i;
+      const vf st = set1(_cvtsh_ss(steps[g])), mn = set1(_cvtsh_ss(mins[g]));
+      put(g, add(mul(to_float(i16_to_i32(codes + i * kGroup)), st), mn), add(mul(to_float(i16_to_i32(codes + i * kGroup + 16)), st), mn));
+    }
+    g0 += P;
+  }
+}
+
+// The row kernels: output rows [n0, n1) (at most 16) for the R activation rows m.. of M (xq: all
+// M rows, `quantize_row`; xs, xsum and out: the tile's first row). kPassRows weight rows
+// are computed side by side (each activation load serves all of them); each output's lanes are
+// summed at the end, 16 outputs at a time (`sum_lanes`). A lone last weight row is computed twice.
+template <int R>
+inline void reduce_outputs(const simd::vq (*lanes)[R], int64_t nn, const float* row_scales, float* out, int64_t ldo) {
+  using namespace simd;
+  for (int64_t i0 = 0; i0 < nn; i0 += kLanes) {
+    for (int r = 0; r < R; ++r) {
+      vq v[kLanes];
+      for (int i = 0; i < kLanes; ++i) v[i] = i0 + i < nn ? lanes[i0 + i][r] : q_zero();
+      vq s = sum_lanes(v);
+      if (row_scales != nullptr) s = q_mul(s, load_lanes_n(row_scales + i0, nn - i0));
+      store_lanes_n(out + r * ldo + i0, s, nn - i0);
+    }
+  }
+}
+
+// The integer dot products of one block of P groups (compile-time, so that its chunks unroll into
+// straight-line code with every accumulator in a register and every address an offset of one
+// pointer): d[j][r] for weight rows wr[j] (the block's bytes) and activation rows r (the block's
+// chunks of the tile's rows, from xb: `quantize_row`).
+template <int R, int NB, int S, int P>
+__attribute__((always_inline)) inline void int4_block(const uint8_t* const* wr, const int16_t* xb, simd::vd (&d)[NB][R]) {
+  using namespace simd;
+  // one pointer for the whole block: the compiler would otherwise hoist each chunk's address out
+  // of the callers' loops (they do not depend on the weight row) and spill them
+  __asm__("" : "+r"(xb));
+  vd e[NB][R][S];
+#pragma GCC unroll 2
+  for (int j = 0; j < NB; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int i = 0; i < S; ++i) e[j][r][i] = dot_zero();
+#pragma GCC unroll 8
+  for (int u = 0; u < P / 2; ++u) {  // 32 bytes: two chunks
+    vw c[NB][2];
+#pragma GCC unroll 2
+    for (int j = 0; j < NB; ++j) int4_groups(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + 32 * u)), c[j][0], c[j][1]);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int16_t* x = xb + (r * P + 2 * u) * kGroup;
+#pragma GCC unroll 2
+      for (int j = 0; j < NB; ++j) {
+        e[j][r][0] = dot_acc(e[j][r][0], c[j][0], x);
+        e[j][r][S - 1] = dot_acc(e[j][r][S - 1], c[j][1], x + 32);
+      }
+    }
+  }
+#pragma GCC unroll 2
+  for (int j = 0; j < NB; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) d[j][r] = S == 2 ? dot_add(e[j][r][0], e[j][r][S - 1]) : e[j][r][0];
+}
+
+template <int R, int NB, int S, int P>
+__attribute__((always_inline)) inline void int8_block(const int8_t* const* wr, const int16_t* xb, simd::vd (&d)[NB][R]) {
+  using namespace simd;
+  // one pointer for the whole block: the compiler would otherwise hoist each chunk's address out
+  // of the callers' loops (they do not depend on the weight row) and spill them
+  __asm__("" : "+r"(xb));
+  vd e[NB][R][S];
+#pragma GCC unroll 2
+  for (int j = 0; j < NB; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r)
+#pragma GCC unroll 2
+      for (int i = 0; i < S; ++i) e[j][r][i] = dot_zero();
+#pragma GCC unroll 16
+  for (int c = 0; c < P; c += 2) {  // 64 bytes: two chunks
+    vw cw[NB][2];
+#pragma GCC unroll 2
+    for (int j = 0; j < NB; ++j) {
+      cw[j][0] = int8_group(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + 32 * c)));
+      cw[j][1] = int8_group(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + 32 * c + 32)));
+    }
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const int16_t* x = xb + (r * P + c) * kGroup;
+#pragma GCC unroll 2
+      for (int j = 0; j < NB; ++j) {
+        e[j][r][0] = dot_acc(e[j][r][0], cw[j][0], x);
+        e[j][r][S - 1] = dot_acc(e[j][r][S - 1], cw[j][1], x + 32);
+      }
+    }
+  }
+#pragma GCC unroll 2
+  for (int j = 0; j < NB; ++j)
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) d[j][r] = S == 2 ? dot_add(e[j][r][0], e[j][r][S - 1]) : e[j][r][0];
+}
+
+// Runs f.template operator()<P>() for the block size P (16, 8, 4, 2) known at compile time.
+template <typename F>
+__attribute__((always_inline)) inline void with_block(int P, const F& f) {
+  switch (P) {
+    case 16: if constexpr (simd::kLanes >= 16) { f(std::integral_constant<int, 16>()); break; } [[fallthrough]];
+    case 8: f(std::integral_constant<int, 8>()); break;
+    case 4: f(std::integral_constant<int, 4>()); break;
+    default: f(std::integral_constant<int, 2>()); break;
+  }
 }
 
 template <int R>
 void rows_times_int4(int64_t n0, int64_t n1, int64_t K, const uint8_t* w, const at::Half* steps,
-                        const at::Half* mins, const int16_t* xq, const float* xs, const float* xsum,
+                        const at::Half* mins, const int16_t* xq, int64_t M, int64_t m, const float* xs, const float* xsum,
                         int64_t G16, float* out, int64_t ldo) {
   using namespace simd;
-  const int64_t G = K / kGroup, nq = quads(G);
-  // step[n, g] * xs[r, g] at [r * G + g]: packed, not at a stride of kMaxGroups (rows 8 KB apart
-  // fall into the same L1 sets)
-  alignas(64) float scale[R * kMaxGroups];
-  for (int64_t n = n0; n < n1; ++n) {
-    const uint8_t* wr = w + n * (K / 2);
-    const uint16_t* sr = reinterpret_cast<const uint16_t*>(steps + n * G);
-    const uint16_t* mr = reinterpret_cast<const uint16_t*>(mins + n * G);
-    vq acc[R];
-    vf macc[R];
-    for (int r = 0; r < R; ++r) {
-      acc[r] = acc_zero();
-      macc[r] = zero();
+  constexpr int NB = R == 1 ? 1 : kPassRows;  // one row at a time is memory-bound: a pair only adds overhead
+  constexpr int S = R > 2 ? 1 : 2;  // dot-product chains per output and row (few rows need two to hide latency)
+  const int64_t G = K / kGroup;
+  vq lanes[16][R];
+  for (int64_t n = n0; n < n1; n += NB) {
+    const uint8_t* wr[NB];
+    const uint16_t* sr[NB];
+    const uint16_t* mr[NB];
+    for (int j = 0; j < NB; ++j) {
+      const int64_t nj = std::min(n + j, n1 - 1);
+      wr[j] = w + nj * (K / 2);
+      sr[j] = reinterpret_cast<const uint16_t*>(steps) + nj * G;
+      mr[j] = reinterpret_cast<const uint16_t*>(mins) + nj * G;
     }
-    const int64_t Gv = G / 16 * 16;  // groups in whole vectors; the last G % 16 one by one (cheaper than masks)
-    for (int64_t g = 0; g < Gv; g += 16) {
-      const vf sv = load_half(sr + g);
-      const vf mv = load_half(mr + g);
+    vq acc[NB][R];
+    for (int j = 0; j < NB; ++j)
+      for (int r = 0; r < R; ++r) acc[j][r] = q_zero();
+    for (int64_t g = 0; g < G; g += kLanes) {  // the mins term, the groups in order
+      vq m[NB];
+      for (int j = 0; j < NB; ++j) m[j] = load_half_lanes_n(mr[j] + g, G - g);
       for (int r = 0; r < R; ++r) {
-        store(scale + r * G + g, mul(sv, load(xs + r * G16 + g)));
-        macc[r] = fmadd(mv, load(xsum + r * G16 + g), macc[r]);  // the mins term
+        const vq xv = load_lanes(xsum + r * G16 + g);
+        for (int j = 0; j < NB; ++j) acc[j][r] = q_fmadd(m[j], xv, acc[j][r]);
       }
     }
-    float mtail[R];
-    for (int r = 0; r < R; ++r) mtail[r] = 0.0f;
-    for (int64_t g = Gv; g < G; ++g) {
-      const float st = _cvtsh_ss(sr[g]), mn = _cvtsh_ss(mr[g]);
-      for (int r = 0; r < R; ++r) {
-        scale[r * G + g] = st * xs[r * G16 + g];
-        mtail[r] += mn * xsum[r * G16 + g];
+    for (int64_t g0 = 0; g0 < G;) {
+      const int P = block_groups(G, g0);
+      const uint8_t* wb[NB];
+      for (int j = 0; j < NB; ++j) {
+        wb[j] = wr[j] + g0 * (kGroup / 2);
+        // the weights are read once per token from memory, not cache: ask for them well ahead
+        for (int off = 0; off < P * 16; off += 64) _mm_prefetch(reinterpret_cast<const char*>(wb[j] + off + kPrefetch), _MM_HINT_T0);
       }
-    }
-    for (int64_t q = 0; q < nq; ++q) {  // a quad: 64 bytes, four chunks
-      // the weights are read once per token from memory, not cache: ask for them well ahead
-      _mm_prefetch(reinterpret_cast<const char*>(wr + q * 64 + kPrefetch), _MM_HINT_T0);
-      vw c0, c1, c2, c3;
-      int4_groups(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + q * 64)), c0, c1);
-      int4_groups(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + q * 64 + 32)), c2, c3);
+      vd d[NB][R];
+      with_block(P, [&](auto p) { int4_block<R, NB, S, decltype(p)::value>(wb, xq + (g0 * M + m * P) * kGroup, d); });
+      vq st[NB];
+      for (int j = 0; j < NB; ++j) st[j] = spread(load_half_lanes_n(sr[j] + g0, P), P);
       for (int r = 0; r < R; ++r) {
-        const int16_t* x = xq + r * K + q * 128;
-        const vd d = dot_acc(dot_acc(dot_acc(dot_acc(dot_zero(), c0, x), c1, x + 32), c2, x + 64), c3, x + 96);
-        acc[r] = acc_scaled(acc[r], d, scale_quad(scale + r * G + 4 * q));
+        const vq xv = spread(load_lanes_n(xs + r * G16 + g0, P), P);
+        for (int j = 0; j < NB; ++j) acc[j][r] = q_fmadd(dot_float(d[j][r]), q_mul(st[j], xv), acc[j][r]);
       }
+      g0 += P;
     }
-    if (4 * nq < G) {  // the last two groups: a pair, 32 bytes
-      vw c0, c1;
-      int4_groups(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + nq * 64)), c0, c1);
-      for (int r = 0; r < R; ++r) {
-        const int16_t* x = xq + r * K + nq * 128;
-        acc[r] = acc_scaled(acc[r], dot_acc(dot_acc(dot_zero(), c0, x), c1, x + 32), scale_pair(scale + r * G + 4 * nq));
-      }
-    }
-    for (int r = 0; r < R; ++r) out[r * ldo + n] = acc_sum(acc[r], macc[r]) + mtail[r];
+    for (int j = 0; j < NB && n + j < n1; ++j)
+      for (int r = 0; r < R; ++r) lanes[n + j - n0][r] = acc[j][r];
   }
+  reduce_outputs<R>(lanes, n1 - n0, nullptr, out + n0, ldo);
 }
 
 template <int R>
 void rows_times_int8(int64_t n0, int64_t n1, int64_t K, const int8_t* w, const float* row_scales,
-                     const int16_t* xq, const float* xs, int64_t G16, float* out, int64_t ldo) {
+                     const int16_t* xq, int64_t M, int64_t m, const float* xs, int64_t G16, float* out, int64_t ldo) {
   using namespace simd;
-  const int64_t G = K / kGroup, nq = quads(G);
-  for (int64_t n = n0; n < n1; ++n) {
-    const int8_t* wr = w + n * K;
-    vq acc[R];
-    for (int r = 0; r < R; ++r) acc[r] = acc_zero();
-    auto chunk = [&](int64_t c) { return int8_group(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr + c * 32))); };
-    for (int64_t q = 0; q < nq; ++q) {  // a quad: 128 bytes, four chunks
-      _mm_prefetch(reinterpret_cast<const char*>(wr + q * 128 + kPrefetch), _MM_HINT_T0);
-      _mm_prefetch(reinterpret_cast<const char*>(wr + q * 128 + 64 + kPrefetch), _MM_HINT_T0);
-      const vw c0 = chunk(4 * q), c1 = chunk(4 * q + 1), c2 = chunk(4 * q + 2), c3 = chunk(4 * q + 3);
-      for (int r = 0; r < R; ++r) {
-        const int16_t* x = xq + r * K + q * 128;
-        const vd d = dot_acc(dot_acc(dot_acc(dot_acc(dot_zero(), c0, x), c1, x + 32), c2, x + 64), c3, x + 96);
-        acc[r] = acc_scaled(acc[r], d, scale_quad(xs + r * G16 + 4 * q));
+  constexpr int NB = R == 1 ? 1 : kPassRows;  // one row at a time is memory-bound: a pair only adds overhead
+  constexpr int S = R > 2 ? 1 : 2;
+  const int64_t G = K / kGroup;
+  vq lanes[16][R];
+  for (int64_t n = n0; n < n1; n += NB) {
+    const int8_t* wr[NB];
+    for (int j = 0; j < NB; ++j) wr[j] = w + std::min(n + j, n1 - 1) * K;
+    vq acc[NB][R];
+    for (int j = 0; j < NB; ++j)
+      for (int r = 0; r < R; ++r) acc[j][r] = q_zero();
+    for (int64_t g0 = 0; g0 < G;) {
+      const int P = block_groups(G, g0);
+      const int8_t* wb[NB];
+      for (int j = 0; j < NB; ++j) {
+        wb[j] = wr[j] + g0 * kGroup;
+        for (int off = 0; off < P * 32; off += 64) _mm_prefetch(reinterpret_cast<const char*>(wb[j] + off + kPrefetch), _MM_HINT_T0);
       }
-    }
-    if (4 * nq < G) {  // a pair: 64 bytes, two chunks
-      const vw c0 = chunk(4 * nq), c1 = chunk(4 * nq + 1);
+      vd d[NB][R];
+      with_block(P, [&](auto p) { int8_block<R, NB, S, decltype(p)::value>(wb, xq + (g0 * M + m * P) * kGroup, d); });
       for (int r = 0; r < R; ++r) {
-        const int16_t* x = xq + r * K + nq * 128;
-        acc[r] = acc_scaled(acc[r], dot_acc(dot_acc(dot_zero(), c0, x), c1, x + 32), scale_pair(xs + r * G16 + 4 * nq));
+        const vq xv = spread(load_lanes_n(xs + r * G16 + g0, P), P);
+        for (int j = 0; j < NB; ++j) acc[j][r] = q_fmadd(dot_float(d[j][r]), xv, acc[j][r]);
       }
+      g0 += P;
     }
-    for (int r = 0; r < R; ++r) out[r * ldo + n] = acc_sum(acc[r], zero()) * row_scales[n];
+    for (int j = 0; j < NB && n + j < n1; ++j)
+      for (int r = 0; r < R; ++r) lanes[n + j - n0][r] = acc[j][r];
   }
+  reduce_outputs<R>(lanes, n1 - n0, row_scales + n0, out + n0, ldo);
 }
 
 

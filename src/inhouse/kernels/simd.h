@@ -5,11 +5,12 @@
 // each of these is one register and each operation one instruction. Compiled with AVX2 + FMA +
 // F16C only (AMD Zen 2/3, most Intel desktop and older server parts) each is a pair of 256-bit
 // registers and the float operations do the same lane by lane. The integer dot products of a chunk
-// of 32 quantized weights and activations (quant_cpu.h: the columns of a chunk come from up to four
-// groups) are exact on both, but each build lays a chunk's activations out its own way
-// (`store_group`, `int4_groups`, `int8_group`: AVX2 keeps the even and the odd places apart so that
-// unpacking weights needs shifts only, no lane-crossing shuffles), so the two builds differ only in
-// the order of fp32 sums (last-bit differences).
+// of 32 quantized weights and activations (quant_cpu.h: the columns of a chunk come from up to 16
+// groups) are exact on both. The builds differ in the width of a block (`kLanes` groups: 16 or 8,
+// so the weights' layout is per instruction set) and in how a chunk's activations are laid out
+// (`store_chunk`, `int4_groups`, `int8_group`: AVX2 keeps the even and the odd places apart so that
+// unpacking weights needs shifts only, no lane-crossing shuffles); results differ only in the
+// order of fp32 sums (last-bit differences).
 //
 // inhouse.kernels builds the sources once for the instruction set the CPU has, selected by the
 // compiler flags (__AVX512F__ ...).
@@ -70,13 +71,16 @@ inline vi to_int(vf a) { return _mm512_cvtps_epi32(a); }  // round to nearest ev
 inline vf to_float(vi a) { return _mm512_cvtepi32_ps(a); }
 inline vi u8_to_i32(__m128i b) { return _mm512_cvtepu8_epi32(b); }  // 16 bytes
 
-// A chunk of 32 quantized activations, (a: places 0-15, b: 16-31) saturated to int16, in order.
-inline void store_group(int16_t* p, vi a, vi b) {
+// 32 int32 (a: places 0-15, b: 16-31) saturated to int16, in order.
+inline void store_i16(int16_t* p, vi a, vi b) {
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm512_cvtsepi32_epi16(a));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16), _mm512_cvtsepi32_epi16(b));
 }
+// A chunk of 32 int16 activations, in order, stored in the order this build's row kernels read
+// them (here: the same order).
+inline void store_chunk(int16_t* p, const int16_t* in_order) { _mm512_storeu_si512(p, _mm512_loadu_si512(in_order)); }
 // The two chunks of 32 4-bit codes in 32 bytes (the first: the low nibbles, the second: the
-// high ones), as int16 in `store_group`'s order; and a chunk of 32 int8 weights.
+// high ones), as int16 in `store_chunk`'s order; and a chunk of 32 int8 weights.
 inline void int4_groups(__m256i wb, vw& g0, vw& g1) {
   const __m256i low4 = _mm256_set1_epi8(0x0F);
   g0 = _mm512_cvtepu8_epi16(_mm256_and_si256(wb, low4));
@@ -85,32 +89,83 @@ inline void int4_groups(__m256i wb, vw& g0, vw& g1) {
 inline vw int8_group(__m256i wb) { return _mm512_cvtepi8_epi16(wb); }
 inline vw load_i16(const int16_t* p) { return _mm512_loadu_si512(p); }  // 32 values
 
-// [a's 8-lane half H, b's 8-lane half H] (16 int32): a quad's chunks in `quantize_row` (quant_cpu.h).
-template <int H>
-inline vi halves(vi a, vi b) { return _mm512_shuffle_i64x2(a, b, H ? 0xEE : 0x44); }
-
-// The accumulators of a row kernel. Weights and activations are laid out in chunks of 32 columns
-// (quant_cpu.h): a chunk of a quad (4 groups) holds 8 columns of each group, a chunk of a pair (the
-// last 2 groups of a row, when their number is not a multiple of 4) 16 of each. The integer dot
-// products of a quad's 4 chunks go into one int32 vector whose lanes 0-3 belong to its first group,
-// 4-7 to the second, ...; a pair's 2 chunks into lanes 0-7 and 8-15. Converted and multiplied by
-// each lane's group scale once per quad (not once per group), they are added to an fp32 vector.
-constexpr int kTileRows = 8;  // activation rows served by one pass over the weights (32 registers)
-using vd = __m512i;  // int32 dot products of a quad or pair
-using vq = __m512;   // their scaled fp32 sums
+// The accumulators of a row kernel (quant_cpu.h). The integer dot products of a chunk of 32
+// weights and activations land in kLanes int32 lanes, lane l holding places 2l and 2l+1; a block
+// of kLanes groups (its chunks holding 2 columns of each group) thus has its groups' dot products
+// one per lane, converted and multiplied by the lanes' scales once per block. Smaller blocks (P
+// groups) spread each group over kLanes / P lanes (`spread`).
+constexpr int kTileRows = 8;   // activation rows served by one pass over the weights
+constexpr int kLanes = 16;     // groups per block
+constexpr int kPassRows = 2;   // weight rows computed side by side (each activation load serves both)
+using vd = __m512i;  // int32 dot products of a block
+using vq = __m512;   // fp32, one lane per group of a block (or per output row, `sum_lanes`)
 inline vd dot_zero() { return _mm512_setzero_si512(); }
 inline vd dot_acc(vd acc, vw w, const int16_t* x) { return _mm512_dpwssd_epi32(acc, w, load_i16(x)); }
-inline vq acc_zero() { return _mm512_setzero_ps(); }
-inline vq scale_quad(const float* s) {  // s[0..3], each over 4 lanes
-  return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0),
-                               _mm512_castps128_ps512(_mm_loadu_ps(s)));
+inline vd dot_add(vd a, vd b) { return _mm512_add_epi32(a, b); }
+inline vq dot_float(vd d) { return _mm512_cvtepi32_ps(d); }
+inline vq q_zero() { return _mm512_setzero_ps(); }
+inline vq q_mul(vq a, vq b) { return _mm512_mul_ps(a, b); }
+inline vq q_fmadd(vq a, vq b, vq c) { return _mm512_fmadd_ps(a, b, c); }
+inline vq load_lanes(const float* p) { return _mm512_loadu_ps(p); }
+inline vq load_lanes_n(const float* p, int64_t n) { return _mm512_maskz_loadu_ps(first(n), p); }  // lanes >= n: 0
+inline vq load_half_lanes_n(const uint16_t* p, int64_t n) {  // fp16 -> fp32; lanes >= n: 0
+  return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first(n), p));
 }
-inline vq scale_pair(const float* s) {  // s[0..1], each over 8 lanes
-  return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0),
-                               _mm512_castps128_ps512(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)))));
+inline void store_lanes_n(float* p, vq v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
+// Lane l <- v[l * P / kLanes]: the scales of a block of P groups (P = 2, 4, 8, 16) over its lanes.
+__attribute__((always_inline)) inline vq spread(vq v, int P) {
+  switch (P) {
+    case 8: return _mm512_permutexvar_ps(_mm512_set_epi32(7, 7, 6, 6, 5, 5, 4, 4, 3, 3, 2, 2, 1, 1, 0, 0), v);
+    case 4: return _mm512_permutexvar_ps(_mm512_set_epi32(3, 3, 3, 3, 2, 2, 2, 2, 1, 1, 1, 1, 0, 0, 0, 0), v);
+    case 2: return _mm512_permutexvar_ps(_mm512_set_epi32(1, 1, 1, 1, 1, 1, 1, 1, 0, 0, 0, 0, 0, 0, 0, 0), v);
+    default: return v;
+  }
 }
-inline vq acc_scaled(vq acc, vd d, vq scale) { return _mm512_fmadd_ps(_mm512_cvtepi32_ps(d), scale, acc); }
-inline float acc_sum(vq a, vf extra) { return reduce_add(add(a, extra)); }  // + extra's lanes
+// Lane i of the result = the sum of v[i]'s lanes (kLanes vectors): a transposing tree, ~3 operations
+// per vector where a horizontal sum each would take ~8. The order of the sums of a lane does not
+// depend on the other vectors.
+__attribute__((always_inline)) inline vq sum_lanes(const vq* v) {
+  __m512 a[8], b[4], c[2];
+  for (int i = 0; i < 8; ++i) a[i] = _mm512_add_ps(_mm512_unpacklo_ps(v[2 * i], v[2 * i + 1]), _mm512_unpackhi_ps(v[2 * i], v[2 * i + 1]));
+  for (int i = 0; i < 4; ++i) {
+    b[i] = _mm512_add_ps(_mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_ps(a[2 * i], a[2 * i + 1], 0xEE));
+  }
+  for (int i = 0; i < 2; ++i) {
+    c[i] = _mm512_add_ps(_mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0x88), _mm512_shuffle_f32x4(b[2 * i], b[2 * i + 1], 0xDD));
+  }
+  return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
+}
+// 16 int16 -> 16 int32.
+inline vi i16_to_i32(const int16_t* p) { return _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
+// The 32 int32 a, b saturated to int16 in one register, in order.
+inline __m512i pack_i16(vi a, vi b) {
+  return _mm512_inserti64x4(_mm512_castsi256_si512(_mm512_cvtsepi32_epi16(a)), _mm512_cvtsepi32_epi16(b), 1);
+}
+// r[i] lane j <- r[j] lane i (16 x 16 32-bit values): a block's groups <-> its chunks (quant_cpu.h).
+inline void transpose16(__m512i* r) {
+  __m512i t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_epi32(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_epi32(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_unpacklo_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 1] = _mm512_unpackhi_epi64(t[4 * i], t[4 * i + 2]);
+    r[4 * i + 2] = _mm512_unpacklo_epi64(t[4 * i + 1], t[4 * i + 3]);
+    r[4 * i + 3] = _mm512_unpackhi_epi64(t[4 * i + 1], t[4 * i + 3]);
+  }
+  for (int h = 0; h < 2; ++h) {
+    for (int i = 0; i < 4; ++i) {
+      t[8 * h + i] = _mm512_shuffle_i32x4(r[8 * h + i], r[8 * h + 4 + i], 0x88);
+      t[8 * h + 4 + i] = _mm512_shuffle_i32x4(r[8 * h + i], r[8 * h + 4 + i], 0xdd);
+    }
+  }
+  for (int i = 0; i < 8; ++i) {
+    r[i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0x88);
+    r[8 + i] = _mm512_shuffle_i32x4(t[i], t[8 + i], 0xdd);
+  }
+}
+#define INHOUSE_SIMD_TRANSPOSE16 1
 
 #elif defined(__AVX2__) && defined(__FMA__) && defined(__F16C__)
 constexpr const char* kIsa = "avx2";
@@ -218,19 +273,29 @@ inline void store_bf16(uint16_t* p, vf v) {
 inline vi to_int(vf a) { return {_mm256_cvtps_epi32(a.lo), _mm256_cvtps_epi32(a.hi)}; }
 inline vf to_float(vi a) { return {_mm256_cvtepi32_ps(a.lo), _mm256_cvtepi32_ps(a.hi)}; }
 inline vi u8_to_i32(__m128i b) { return {_mm256_cvtepu8_epi32(b), _mm256_cvtepu8_epi32(_mm_srli_si128(b, 8))}; }
+inline vi i16_to_i32(const int16_t* p) {
+  return {_mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p))),
+          _mm256_cvtepi16_epi32(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 8)))};
+}
 
 // 16 int32 -> 16 int16 (saturated), in order: packs interleaves the 128-bit halves (lo0-3, hi0-3,
 // lo4-7, hi4-7), the permutation puts them back.
 inline __m256i pack16(vi a) { return _mm256_permute4x64_epi64(_mm256_packs_epi32(a.lo, a.hi), 0xD8); }
-// A chunk of 32 quantized activations (a: places 0-15, b: 16-31) saturated to int16, stored as
-// its 16 even elements, then its 16 odd ones: the order in which `int4_groups` and `int8_group`
-// unpack weights with shifts alone.
-inline void store_group(int16_t* p, vi a, vi b) {
+// 32 int32 (a: places 0-15, b: 16-31) saturated to int16, in order.
+inline void store_i16(int16_t* p, vi a, vi b) {
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), pack16(a));
+  _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16), pack16(b));
+}
+// A chunk of 32 int16 activations, in order, stored as its 16 even elements, then its 16 odd
+// ones: the order in which `int4_groups` and `int8_group` unpack weights with shifts alone.
+inline void store_chunk(int16_t* p, const int16_t* in_order) {
   // per 128-bit lane, the 4 even int16 then the 4 odd ones; then the lanes' evens together
   const __m256i split = _mm256_setr_epi8(0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15,
                                          0, 1, 4, 5, 8, 9, 12, 13, 2, 3, 6, 7, 10, 11, 14, 15);
-  const __m256i v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(pack16(a), split), 0xD8);  // evens 0-14, odds 1-15
-  const __m256i w = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(pack16(b), split), 0xD8);  // evens 16-30, odds 17-31
+  const __m256i a = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in_order));
+  const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(in_order + 16));
+  const __m256i v = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(a, split), 0xD8);  // evens 0-14, odds 1-15
+  const __m256i w = _mm256_permute4x64_epi64(_mm256_shuffle_epi8(b, split), 0xD8);  // evens 16-30, odds 17-31
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p), _mm256_permute2x128_si256(v, w, 0x20));
   _mm256_storeu_si256(reinterpret_cast<__m256i*>(p + 16), _mm256_permute2x128_si256(v, w, 0x31));
 }
@@ -242,14 +307,13 @@ inline void int4_groups(__m256i wb, vw& g0, vw& g1) {
   g1 = {_mm256_and_si256(_mm256_srli_epi16(wb, 4), low4), _mm256_srli_epi16(wb, 12)};
 }
 inline vw int8_group(__m256i wb) { return {_mm256_srai_epi16(_mm256_slli_epi16(wb, 8), 8), _mm256_srai_epi16(wb, 8)}; }
-// [a's 8-lane half H, b's 8-lane half H]: one register each.
-template <int H>
-inline vi halves(vi a, vi b) { return {H ? a.hi : a.lo, H ? b.hi : b.lo}; }
 
 // The accumulators of a row kernel (see the AVX-512 ones). A chunk of 32 int16 is two registers
-// (its even places, then its odd ones), whose pairwise products (madd) land in 8 int32 lanes:
-// for a quad, lanes 0-1 belong to its first group, 2-3 to the second, ...; for a pair, 0-3 and 4-7.
-constexpr int kTileRows = 4;  // activation rows per pass: more would spill the 16 registers
+// (its even places, then its odd ones), whose pairwise products (madd) land in 8 int32 lanes,
+// lane l holding places 4l..4l+3: a block of 8 groups (4 columns of each per chunk) has a lane per group.
+constexpr int kTileRows = 4;   // activation rows per pass: more would spill the 16 registers
+constexpr int kLanes = 8;
+constexpr int kPassRows = 1;
 using vd = __m256i;
 using vq = __m256;
 inline vd dot_zero() { return _mm256_setzero_si256(); }
@@ -258,16 +322,36 @@ inline vd dot_acc(vd acc, vw w, const int16_t* x) {
                                      _mm256_madd_epi16(w.hi, _mm256_loadu_si256(reinterpret_cast<const __m256i*>(x + 16))));
   return _mm256_add_epi32(acc, p);
 }
-inline vq acc_zero() { return _mm256_setzero_ps(); }
-inline vq scale_quad(const float* s) {
-  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_loadu_ps(s)), _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+inline vd dot_add(vd a, vd b) { return _mm256_add_epi32(a, b); }
+inline vq dot_float(vd d) { return _mm256_cvtepi32_ps(d); }
+inline vq q_zero() { return _mm256_setzero_ps(); }
+inline vq q_mul(vq a, vq b) { return _mm256_mul_ps(a, b); }
+inline vq q_fmadd(vq a, vq b, vq c) { return _mm256_fmadd_ps(a, b, c); }
+inline vq load_lanes(const float* p) { return _mm256_loadu_ps(p); }
+inline vq load_lanes_n(const float* p, int64_t n) { return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first8(n)); }
+inline vq load_half_lanes_n(const uint16_t* p, int64_t n) {
+  if (n >= 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  alignas(16) uint16_t t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
+  for (int64_t i = 0; i < n; ++i) t[i] = p[i];
+  return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
 }
-inline vq scale_pair(const float* s) {
-  return _mm256_permutevar8x32_ps(_mm256_castps128_ps256(_mm_castsi128_ps(_mm_loadl_epi64(reinterpret_cast<const __m128i*>(s)))),
-                                  _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+inline void store_lanes_n(float* p, vq v, int64_t n) {
+  if (n >= 8) return _mm256_storeu_ps(p, v);
+  _mm256_maskstore_ps(p, first8(n), v);
 }
-inline vq acc_scaled(vq acc, vd d, vq scale) { return _mm256_fmadd_ps(_mm256_cvtepi32_ps(d), scale, acc); }
-inline float acc_sum(vq a, vf extra) { return hsum8(_mm256_add_ps(a, _mm256_add_ps(extra.lo, extra.hi))); }
+__attribute__((always_inline)) inline vq spread(vq v, int P) {
+  switch (P) {
+    case 4: return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 0, 1, 1, 2, 2, 3, 3));
+    case 2: return _mm256_permutevar8x32_ps(v, _mm256_setr_epi32(0, 0, 0, 0, 1, 1, 1, 1));
+    default: return v;
+  }
+}
+__attribute__((always_inline)) inline vq sum_lanes(const vq* v) {  // lane i = the sum of v[i]'s 8 lanes
+  const __m256 t0 = _mm256_hadd_ps(v[0], v[1]), t1 = _mm256_hadd_ps(v[2], v[3]);
+  const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
+  const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // per 128-bit half: v0..3, v4..7
+  return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
 
 #else
 #error "inhouse's native kernels need AVX-512 (F, BW, VL, VNNI, BF16) or AVX2 with FMA and F16C"

@@ -84,27 +84,42 @@ def chunk_dtype(device: Union[torch.device, str] = "cpu") -> torch.dtype:
     return _cpu_chunk_dtype() if torch.device(device).type == "cpu" else torch.bfloat16
 
 
-@functools.lru_cache(maxsize=32)
-def native_order(k: int) -> tuple[torch.Tensor, torch.Tensor]:
+def native_lanes() -> int:
+    """Groups per block of the native layout (`native_order`): the int32 lanes of the kernels'
+    dot-product vectors, 16 with AVX-512, 8 with AVX2 (the instruction set `inhouse.kernels.cpu_isa`
+    picks, ``INHOUSE_NATIVE_ISA`` included)."""
+    from inhouse.kernels import cpu_isa
+
+    return 16 if cpu_isa() == "avx512" else 8
+
+
+def native_order(k: int, lanes: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The column order of the native kernels' weights for rows of `k` columns, and its inverse.
 
-    Groups of 32 columns are taken four at a time (a quad), the last two as a pair when their
-    number is not a multiple of 4; a quad is stored as four chunks of 32, chunk c holding columns
-    8c..8c+7 of each of its groups, a pair as two, chunk c holding columns 16c..16c+15 of each.
-    (The kernels' integer dot products over a quad then land in one vector, a lane per group, and
-    are scaled once per quad: inhouse/kernels/quant_cpu.h.) Stored column p is column ``order[p]``;
-    ``inverse[order] == arange(k)``.
+    Groups of 32 columns are taken `lanes` at a time (a block; default `native_lanes`), the rest in
+    blocks of lanes/2, lanes/4, ... down to 2. A block of P groups is stored as P chunks of 32,
+    chunk c holding columns w*c .. w*c + w-1 of each of its groups (w = 32 / P). (A chunk's integer
+    dot products then land one group per lane, and a block is scaled at once:
+    inhouse/kernels/quant_cpu.h.) Stored column p is column ``order[p]``; ``inverse[order] ==
+    arange(k)``. The layout depends on the instruction set: a prepared-weights cache entry is
+    kept per instruction set (`inhouse.weights.prepared`).
     """
+    return _native_order(k, lanes or native_lanes())
+
+
+@functools.lru_cache(maxsize=64)
+def _native_order(k: int, lanes: int) -> tuple[torch.Tensor, torch.Tensor]:
     if k % 64:
         raise QuantizeError(f"the native layout needs a multiple of 64 columns, got {k}")
     j = torch.arange(32)
-    parts = []
-    n_quads = k // 128
-    for q in range(n_quads):
-        parts += [128 * q + 32 * (j // 8) + 8 * c + j % 8 for c in range(4)]
-    if k % 128:
-        base = 128 * n_quads
-        parts += [base + 32 * (j // 16) + 16 * c + j % 16 for c in range(2)]
+    parts, g0, n_groups = [], 0, k // 32
+    while g0 < n_groups:
+        p = lanes
+        while p > n_groups - g0:
+            p //= 2
+        w = 32 // p
+        parts += [32 * (g0 + j // w) + w * c + j % w for c in range(p)]
+        g0 += p
     order = torch.cat(parts)
     return order, torch.argsort(order)
 
