@@ -214,12 +214,97 @@ void attend_head_nv(const float* q, const uint16_t* kc, const uint16_t* vc, int6
   }
 }
 
-void attend_head(const float* q, const uint16_t* kc, const uint16_t* vc, int64_t S, int64_t hd, float scale,
-                 float* scores, float* y) {
-  switch (hd) {
-    case 64: return attend_head_nv<4>(q, kc, vc, S, hd, scale, scores, y);
-    case 128: return attend_head_nv<8>(q, kc, vc, S, hd, scale, scores, y);
-    default: return attend_head_nv<0>(q, kc, vc, S, hd, scale, scores, y);
+// NH query heads of one kv head (q: NH x hd, consecutive) over S cached positions: each key and
+// value row is read once for all of them (grouped-query attention). Scores of 16 positions are
+// summed at once (`sum16`). scores: NH rows of ls >= S floats; y: NH x hd.
+template <int NV, int NH>
+void attend_heads(const float* q, const uint16_t* kc, const uint16_t* vc, int64_t S, float scale, float* scores,
+                  int64_t ls, float* y) {
+  using namespace simd;
+  constexpr int64_t hd = 16 * NV;
+  vf qv[NH][NV];
+  for (int h = 0; h < NH; ++h)
+    for (int j = 0; j < NV; ++j) qv[h][j] = load(q + h * hd + 16 * j);
+  vf part[NH][16];
+  for (int64_t s0 = 0; s0 < S; s0 += 16) {
+    const int64_t ns = std::min<int64_t>(16, S - s0);
+    for (int64_t i = 0; i < 16; ++i) {
+      if (i >= ns) {
+        for (int h = 0; h < NH; ++h) part[h][i] = zero();
+        continue;
+      }
+      const uint16_t* kr = kc + (s0 + i) * hd;
+      vf k[NV];
+      for (int j = 0; j < NV; ++j) k[j] = load_bf16(kr + 16 * j);
+      for (int h = 0; h < NH; ++h) {
+        vf a = zero();
+        for (int j = 0; j < NV; ++j) a = fmadd(qv[h][j], k[j], a);
+        part[h][i] = a;
+      }
+    }
+    for (int h = 0; h < NH; ++h) store(scores + h * ls + s0, mul(sum16(part[h]), set1(scale)));
+  }
+  float inv[NH];
+  for (int h = 0; h < NH; ++h) {  // softmax
+    float* sc = scores + h * ls;
+    vf vmx = set1(-std::numeric_limits<float>::infinity());
+    int64_t s = 0;
+    for (; s + 16 <= S; s += 16) vmx = max(vmx, load(sc + s));
+    float mx = reduce_max(vmx);
+    for (; s < S; ++s) mx = std::max(mx, sc[s]);
+    vmx = set1(mx);
+    vf vsum = zero();
+    for (s = 0; s + 16 <= S; s += 16) {
+      const vf e = exp16(sub(load(sc + s), vmx));
+      store(sc + s, e);
+      vsum = add(vsum, e);
+    }
+    if (s < S) {
+      const vf e = exp16(sub(load_n(sc + s, S - s), vmx));
+      store_n(sc + s, e, S - s);
+      vsum = add(vsum, keep_n(e, S - s));
+    }
+    inv[h] = 1.0f / reduce_add(vsum);
+  }
+  vf acc[NH][NV];
+  for (int h = 0; h < NH; ++h)
+    for (int j = 0; j < NV; ++j) acc[h][j] = zero();
+  for (int64_t t = 0; t < S; ++t) {
+    const uint16_t* vr = vc + t * hd;
+    vf v[NV];
+    for (int j = 0; j < NV; ++j) v[j] = load_bf16(vr + 16 * j);
+    for (int h = 0; h < NH; ++h) {
+      const vf p = set1(scores[h * ls + t] * inv[h]);
+      for (int j = 0; j < NV; ++j) acc[h][j] = fmadd(p, v[j], acc[h][j]);
+    }
+  }
+  for (int h = 0; h < NH; ++h)
+    for (int j = 0; j < NV; ++j) store(y + h * hd + 16 * j, acc[h][j]);
+}
+
+// The G query heads of one kv head, a few at a time (as many as keep their accumulators in registers).
+void attend_group(const float* q, int64_t G, const uint16_t* kc, const uint16_t* vc, int64_t S, int64_t hd, float scale,
+                  float* scores, int64_t ls, float* y) {
+  if (hd != 64 && hd != 128) {
+    for (int64_t h = 0; h < G; ++h) attend_head_nv<0>(q + h * hd, kc, vc, S, hd, scale, scores, y + h * hd);
+    return;
+  }
+  const int64_t per = hd == 64 ? 4 : 2;
+  for (int64_t h0 = 0; h0 < G; h0 += per) {
+    const int64_t nh = std::min(per, G - h0);
+    const float* qh = q + h0 * hd;
+    float* yh = y + h0 * hd;
+    if (hd == 64) {
+      switch (nh) {
+        case 4: attend_heads<4, 4>(qh, kc, vc, S, scale, scores, ls, yh); break;
+        case 3: attend_heads<4, 3>(qh, kc, vc, S, scale, scores, ls, yh); break;
+        case 2: attend_heads<4, 2>(qh, kc, vc, S, scale, scores, ls, yh); break;
+        default: attend_heads<4, 1>(qh, kc, vc, S, scale, scores, ls, yh); break;
+      }
+    } else {
+      if (nh == 2) attend_heads<8, 2>(qh, kc, vc, S, scale, scores, ls, yh);
+      else attend_heads<8, 1>(qh, kc, vc, S, scale, scores, ls, yh);
+    }
   }
 }
 
@@ -404,6 +489,7 @@ class FusedDecoder : public torch::CustomClassHolder {
     y_.resize(B * qd);
     g_.resize(B * F_);
     top_.resize(n_out * k_);
+    const int64_t score_len = (max_pos + 1 + 15) / 16 * 16;  // one head's scores (16 at a time)
     const int T = std::max(1, at::get_num_threads());
     if (static_cast<int>(scratch_.size()) < T) scratch_.resize(T);
     for (int t = 0; t < T; ++t) {
@@ -411,7 +497,7 @@ class FusedDecoder : public torch::CustomClassHolder {
       s.xn.resize(B * kmax);
       s.tmp.resize(B * std::max(F_, std::max(qkv, D_)));
       s.tmp2.resize(B * F_);
-      s.scores.resize(max_pos + 16);
+      s.scores.resize((H_ / KH_) * score_len);
       s.cs.resize(B * hd_);
       s.q.resize(B * kmax);
       s.scales.assign(B * g16, 0.0f);  // zero padding past each row's groups (the kernels read 16 at a time)
@@ -500,23 +586,23 @@ class FusedDecoder : public torch::CustomClassHolder {
             vc_[l][at_ + d] = to_bf16(vr[d]);
           }
         };
-        auto attend = [&](int64_t b, int64_t hh) {
-          const int64_t j = hh / (H_ / KH_);
-          float* qr = qkv_.data() + b * qkv + hh * hd_;
-          rope(qr, sc.cs.data() + b * hd_, sc.cs.data() + b * hd_ + half, hd_);
+        const int64_t group = H_ / KH_;
+        auto attend = [&](int64_t b, int64_t j) {  // the query heads of kv head j, each key/value read once for all
+          float* qr = qkv_.data() + b * qkv + j * group * hd_;
+          for (int64_t h = 0; h < group; ++h) rope(qr + h * hd_, sc.cs.data() + b * hd_, sc.cs.data() + b * hd_ + half, hd_);
           const int64_t c0 = (row[b] * KH_ + j) * cache_len_ * hd_;
-          attend_head(qr, kc_[l] + c0, vc_[l] + c0, pos[b] + 1, hd_, scale, sc.scores.data(), y_.data() + b * qd + hh * hd_);
+          attend_group(qr, group, kc_[l] + c0, vc_[l] + c0, pos[b] + 1, hd_, scale, sc.scores.data(), score_len,
+                       y_.data() + b * qd + j * group * hd_);
         };
         if (shared_rows) {
           for (int64_t u = t; u < B * KH_; u += nt) write_kv(u / KH_, u % KH_);
 #pragma omp barrier
-          for_chunks(units, B * H_, 1, [&](int64_t u, int64_t) { attend(u / H_, u % H_); });
+          for_chunks(units, B * KH_, 1, [&](int64_t u, int64_t) { attend(u / KH_, u % KH_); });
         } else {  // each (row, kv head): its key/value, then the query heads that read them
-          const int64_t group = H_ / KH_;
           for_chunks(units, B * KH_, 1, [&](int64_t u, int64_t) {
             const int64_t b = u / KH_, j = u % KH_;
             write_kv(b, j);
-            for (int64_t hh = j * group; hh < (j + 1) * group; ++hh) attend(b, hh);
+            attend(b, j);
           });
         }
 #pragma omp barrier

@@ -135,6 +135,8 @@ __attribute__((always_inline)) inline vq sum_lanes(const vq* v) {
   }
   return _mm512_add_ps(_mm512_shuffle_f32x4(c[0], c[1], 0x88), _mm512_shuffle_f32x4(c[0], c[1], 0xDD));
 }
+// Lane i of the result = the sum of v[i]'s 16 floats (16 vectors).
+__attribute__((always_inline)) inline vf sum16(const vf* v) { return sum_lanes(v); }
 // 16 int16 -> 16 int32.
 inline vi i16_to_i32(const int16_t* p) { return _mm512_cvtepi16_epi32(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p))); }
 // The 32 int32 a, b saturated to int16 in one register, in order.
@@ -351,6 +353,12 @@ __attribute__((always_inline)) inline vq sum_lanes(const vq* v) {  // lane i = t
   const __m256 t2 = _mm256_hadd_ps(v[4], v[5]), t3 = _mm256_hadd_ps(v[6], v[7]);
   const __m256 u0 = _mm256_hadd_ps(t0, t1), u1 = _mm256_hadd_ps(t2, t3);  // per 128-bit half: v0..3, v4..7
   return _mm256_add_ps(_mm256_permute2f128_ps(u0, u1, 0x20), _mm256_permute2f128_ps(u0, u1, 0x31));
+}
+// Lane i of the result = the sum of v[i]'s 16 floats (16 vectors).
+__attribute__((always_inline)) inline vf sum16(const vf* v) {
+  __m256 w[16];
+  for (int i = 0; i < 16; ++i) w[i] = _mm256_add_ps(v[i].lo, v[i].hi);
+  return {sum_lanes(w), sum_lanes(w + 8)};
 }
 
 #else
