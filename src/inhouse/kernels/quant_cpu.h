@@ -202,6 +202,14 @@ inline void reduce_outputs(const simd::vq (*lanes)[R], int64_t nn, const float* 
   }
 }
 
+// A block's chunks: straight-line code with AVX-512's 32 registers; AVX2's 16 would spill when the
+// compiler hoists the loads of later chunks, so there the loop stays a loop (unrolled by 2).
+#ifdef INHOUSE_SIMD_AVX512
+#define INHOUSE_UNROLL_CHUNKS _Pragma("GCC unroll 16")
+#else
+#define INHOUSE_UNROLL_CHUNKS _Pragma("GCC unroll 2")
+#endif
+
 // The integer dot products of one block of P groups (compile-time, so that its chunks unroll into
 // straight-line code with every accumulator in a register and every address an offset of one
 // pointer): d[j][r] for weight rows wr[j] (the block's bytes) and activation rows r (the block's
@@ -219,7 +227,7 @@ __attribute__((always_inline)) inline void int4_block(const uint8_t* const* wr, 
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 2
       for (int i = 0; i < S; ++i) e[j][r][i] = dot_zero();
-#pragma GCC unroll 8
+INHOUSE_UNROLL_CHUNKS
   for (int u = 0; u < P / 2; ++u) {  // 32 bytes: two chunks
     vw c[NB][2];
 #pragma GCC unroll 2
@@ -253,7 +261,7 @@ __attribute__((always_inline)) inline void int8_block(const int8_t* const* wr, c
     for (int r = 0; r < R; ++r)
 #pragma GCC unroll 2
       for (int i = 0; i < S; ++i) e[j][r][i] = dot_zero();
-#pragma GCC unroll 16
+INHOUSE_UNROLL_CHUNKS
   for (int c = 0; c < P; c += 2) {  // 64 bytes: two chunks
     vw cw[NB][2];
 #pragma GCC unroll 2

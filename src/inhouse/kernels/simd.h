@@ -333,6 +333,10 @@ inline vq load_lanes(const float* p) { return _mm256_loadu_ps(p); }
 inline vq load_lanes_n(const float* p, int64_t n) { return n >= 8 ? _mm256_loadu_ps(p) : _mm256_maskload_ps(p, first8(n)); }
 inline vq load_half_lanes_n(const uint16_t* p, int64_t n) {
   if (n >= 8) return _mm256_cvtph_ps(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  if (n % 2 == 0) {  // the kernels' case (groups come in pairs): a masked load of n / 2 pairs
+    const __m128i m = _mm_cmpgt_epi32(_mm_set1_epi32(static_cast<int>(n / 2)), _mm_setr_epi32(0, 1, 2, 3));
+    return _mm256_cvtph_ps(_mm_maskload_epi32(reinterpret_cast<const int*>(p), m));
+  }
   alignas(16) uint16_t t[8] = {0, 0, 0, 0, 0, 0, 0, 0};
   for (int64_t i = 0; i < n; ++i) t[i] = p[i];
   return _mm256_cvtph_ps(_mm_load_si128(reinterpret_cast<const __m128i*>(t)));
