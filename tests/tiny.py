@@ -48,8 +48,22 @@ def _int4_codes(w: torch.Tensor):
     return Int4Codes(codes, step, lo)
 
 
-def tiny_with_4bit_vocabulary(seed: int = 0):
-    """A tied tiny model loaded the way a GGUF file with a Q4_1 token_embd is: every matrix as 4-bit codes."""
+def _int8_codes(w: torch.Tensor):
+    """`w` (N, K) on a Q8_0 grid (ggml's rounding: step = absmax / 127 in fp16), as the GGUF loader
+    hands such a matrix over."""
+    from inhouse.model.quant import Int8Codes
+
+    n, k = w.shape
+    g = w.view(n, k // 32, 32)
+    step = (g.abs().amax(-1) / 127).clamp(min=1e-6).half()
+    codes = torch.round(g / step.float()[..., None]).clamp(-127, 127).to(torch.int8).view(n, k)
+    return Int8Codes(codes, step)
+
+
+def tiny_with_file_vocabulary(vocabulary: str = "q4", seed: int = 0):
+    """A tied tiny model loaded the way a GGUF file with 4-bit matrices is: every matrix as 4-bit
+    codes, the tied token_embd as Q4_1 codes too ("q4") or as Q8_0 ones ("q8", as SmolLM2's file);
+    and the same weights dense in fp32 (the file's values)."""
     from inhouse.model.quant import quantize_tensor
     from inhouse.model.transformer import Transformer
 
@@ -62,8 +76,14 @@ def tiny_with_4bit_vocabulary(seed: int = 0):
         for name, p in dense.named_parameters():
             if name == "output.weight":
                 continue
-            value = _int4_codes(p.detach()) if p.dim() == 2 else p.detach()
+            if p.dim() != 2:
+                value = p.detach()
+            elif name == "tok_embeddings.weight" and vocabulary == "q8":
+                value = _int8_codes(p.detach())
+            else:
+                value = _int4_codes(p.detach())
             ref.get_parameter(name).copy_(value.dense() if p.dim() == 2 else value)
             quantize_tensor(model, name, value, "int4")
     model.inv_freq = ref.inv_freq
     return model.eval(), ref.eval()
+

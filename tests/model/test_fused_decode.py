@@ -15,7 +15,7 @@ from inhouse.model.fused_decode import FusedDecode, fused_decode_unsupported
 from inhouse.model.quant import quantize_model
 
 make_tiny_llama = sys.modules["_inhouse_tests_tiny"].make_tiny_llama
-tiny_with_4bit_vocabulary = sys.modules["_inhouse_tests_tiny"].tiny_with_4bit_vocabulary
+tiny_with_file_vocabulary = sys.modules["_inhouse_tests_tiny"].tiny_with_file_vocabulary
 
 pytestmark = pytest.mark.skipif(cpu_isa() is None, reason="the native kernels need AVX-512 VNNI or AVX2")
 
@@ -190,13 +190,22 @@ def test_prompt_rows_equal_token_by_token_steps_bit_for_bit():
 
 
 
-def test_a_4bit_vocabulary_is_the_files_rows_and_runs_fused():
-    from inhouse.model.quant import Int4Embedding, Int4Linear, RescoredOutput
+@pytest.mark.parametrize("vocabulary", ["q4", "q8"])
+def test_a_quantized_vocabulary_is_the_files_rows_and_runs_fused(vocabulary):
+    """A tied token_embd given as Q4_1 or Q8_0 codes stays the file's rows, one matrix shared by the
+    embedding lookup and the output pass, in the eager model and the fused step."""
+    from inhouse.model.quant import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, RescoredOutput
 
-    model, ref = tiny_with_4bit_vocabulary()
+    model, ref = tiny_with_file_vocabulary(vocabulary)
     emb, out = model.tok_embeddings, model.output
-    assert type(emb) is Int4Embedding and type(out) is RescoredOutput and type(out.approx) is Int4Linear
-    assert out.rows is None and emb.weight_q4 is out.approx.weight_q4  # one matrix, not two
+    assert type(out) is RescoredOutput and out.rows is None
+    if vocabulary == "q4":
+        assert type(emb) is Int4Embedding and type(out.approx) is Int4Linear
+        assert emb.weight_q4 is out.approx.weight_q4  # one matrix, not two
+    else:
+        assert type(emb) is Int8Embedding and type(out.approx) is Int8Linear and out.approx.groups
+        assert emb.weight_int8 is out.approx.weight_int8 and emb.scales is out.approx.scales
+        assert emb.weight_int8.dtype == torch.int8 and emb.scales.dtype == torch.float16
     assert model.dtype == torch.bfloat16
     ids = torch.randint(0, model.args.vocab_size, (2, 12), generator=torch.Generator().manual_seed(3))
     # the embedding's rows are the file's values, exactly
@@ -244,3 +253,42 @@ def test_grouped_query_attention_reads_each_kv_head_once_for_its_queries(head_di
     scale = eager.abs().max().item()
     assert (got[:, 0] - eager[:, 0]).abs().max().item() < 3e-4 * scale
     assert (got - eager).abs().max().item() < 3e-3 * scale
+
+
+@torch.inference_mode()
+def test_a_q8_0_file_in_int8_mode_keeps_every_matrix_as_it_is_and_runs_fused():
+    """Every matrix given as Q8_0 codes, quantize=int8: each linear is the group form of
+    `Int8Linear` (the file's values exactly), and the fused step agrees with the eager model."""
+    from inhouse.model.quant import Int8Embedding, Int8Linear, quantize_tensor
+    from inhouse.model.transformer import Transformer
+
+    tiny = sys.modules["_inhouse_tests_tiny"]
+    dense = tiny.make_tiny_llama(seed=2, std=0.3)
+    args = dense.args.replace(tie_embeddings=True)
+    with torch.device("meta"):
+        model = Transformer(args)
+    ref = Transformer(args)
+    for name, p in dense.named_parameters():
+        if name == "output.weight":
+            continue
+        value = tiny._int8_codes(p.detach()) if p.dim() == 2 else p.detach()
+        ref.get_parameter(name).copy_(value.dense() if p.dim() == 2 else value)
+        quantize_tensor(model, name, value, "int8")
+    model.inv_freq = ref.inv_freq
+    model.eval()
+    wq = model.layers[0].attention.wq
+    assert type(wq) is Int8Linear and wq.groups
+    assert torch.equal(wq.dequantized(torch.float32), ref.layers[0].attention.wq.weight)
+    assert type(model.tok_embeddings) is Int8Embedding
+    assert fused_decode_unsupported(model) is None
+    ids = torch.randint(0, args.vocab_size, (2, 10), generator=torch.Generator().manual_seed(5))
+    rows = torch.tensor([0, 2])
+    eager, _ = run_steps(model, model, ids, rows)
+    fused, _ = run_steps(FusedDecode(model), model, ids, rows)
+    scale = eager.abs().max().item()
+    assert (fused[:, 0] - eager[:, 0]).abs().max().item() < 3e-4 * scale
+    assert (fused - eager).abs().max().item() < 3e-3 * scale
+    # and the model reads the file's values: logits of the dense fp32 model, to the activations' rounding
+    want = ref(ids)
+    got = model(ids)
+    assert ((got - want).norm() / want.norm()).item() < 1e-2

@@ -101,6 +101,30 @@ def test_int8_mm_matches_float64(m):
         assert torch.equal(torch.ops.inhouse.int8_mm(x[i:i + 1], q, scales)[0], y[i])
 
 
+@pytest.mark.parametrize("n,k", [(300, 576), (40, 192), (64, 1536)])
+@pytest.mark.parametrize("m", [1, 2, 3, 8])
+def test_int8_mm_with_group_steps_matches_float64(n, k, m):
+    """int8 with one fp16 step per group of 32 (a GGUF Q8_0 matrix as it is)."""
+    assert native_kernels_available()
+    g = torch.Generator().manual_seed(5)
+    q = torch.randint(-127, 128, (n, k), generator=g, dtype=torch.int8)
+    steps = (torch.rand(n, k // 32, generator=g) * 0.01 + 1e-3).half()
+    x = torch.randn(m, k, generator=g)
+    ref = x.double() @ (q.double().view(n, -1, 32) * steps.double()[..., None]).view(n, k).T
+    q = q[:, spec_order(k)].contiguous()
+    y = torch.ops.inhouse.int8_mm(x, q, steps)
+    assert y.shape == (m, n)
+    assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-4
+    for i in range(m):
+        assert torch.equal(torch.ops.inhouse.int8_mm(x[i:i + 1], q, steps)[0], y[i])
+    # a step per group that the kernel misplaced would show: scale one group's steps
+    steps2 = steps.clone()
+    steps2[:, 1] *= 4
+    assert not torch.allclose(torch.ops.inhouse.int8_mm(x, q, steps2), y)
+    with pytest.raises(RuntimeError, match=r"\(N, K/32\) fp16"):
+        torch.ops.inhouse.int8_mm(x, q, steps[:, :-1].contiguous())
+
+
 def test_bf16_rows_come_back_bf16_and_bad_shapes_are_named():
     w_packed, steps, mins, w = int4_case(64, 128)
     x = torch.randn(2, 128).to(torch.bfloat16)

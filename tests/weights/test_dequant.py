@@ -186,3 +186,27 @@ def test_q4_codes_are_the_dequantized_values_exactly(qtype):
         assert torch.equal(lin.dequantized(torch.float32), ref), native
     with pytest.raises(ValueError, match="do not match"):
         q4_codes(raw[:-1], int(qtype), rows, cols)
+
+
+def test_q8_codes_are_the_dequantized_values_exactly():
+    """A Q8_0 GGUF matrix handed to Int8Linear as its codes: code * step is gguf's value exactly,
+    through the group form's dequantization, its rows and the embedding that shares them."""
+    from inhouse.kernels import native_kernels_available
+    from inhouse.model.quant import Int8Codes, Int8Embedding, Int8Linear
+    from inhouse.weights.quants import q8_codes
+
+    rows, cols = 48, 192
+    raw = _random_blocks(Q.Q8_0, rows * cols // 32, seed=11)
+    ref = torch.from_numpy(np.asarray(gguf_dequantize(raw, Q.Q8_0), dtype=np.float32)).view(rows, cols)
+    codes, steps = q8_codes(raw, rows, cols)
+    assert codes.dtype == torch.int8 and steps.dtype == torch.float16 and steps.shape == (rows, cols // 32)
+    assert torch.equal(Int8Codes(codes, steps).dense(), ref)
+    if native_kernels_available():
+        lin = Int8Linear.from_codes(Int8Codes(codes, steps))
+        assert lin.groups and lin.native
+        assert torch.equal(lin.dequantized(torch.float32), ref)
+        idx = torch.tensor([3, 0, 47, 3])
+        assert torch.equal(lin.dequantized_rows(idx), ref[idx])
+        assert torch.equal(Int8Embedding.from_linear(lin, torch.bfloat16)(idx.view(2, 2)), ref[idx].view(2, 2, cols))
+    with pytest.raises(ValueError, match="do not match"):
+        q8_codes(raw[:-1], rows, cols)

@@ -63,7 +63,9 @@ def test_a_second_load_reads_back_exactly_what_the_first_converted(model_file, c
     assert a.keys() == b.keys() and len(a) > 600
     for k in a:
         assert a[k].dtype == b[k].dtype and a[k].shape == b[k].shape and torch.equal(a[k], b[k]), k
-    assert second.model.output.rows is second.model.tok_embeddings.weight  # the tie is kept, not copied
+    # the tie is kept, not copied: the embedding (the file's Q8_0 rows) and the output's pass share one matrix
+    emb, out = second.model.tok_embeddings, second.model.output
+    assert out.rows is None and emb.weight_int8 is out.approx.weight_int8 and emb.scales is out.approx.scales
     assert repr(second.model) == repr(first.model)
     # every tensor in one block: the engine's huge-page move has nothing left to do
     assert len({t.untyped_storage().data_ptr() for t in b.values()}) == 1
@@ -108,6 +110,8 @@ def test_a_changed_file_is_converted_again_and_its_old_entry_removed(model_file,
 def test_a_damaged_entry_is_dropped_and_the_file_converted(model_file, cache, caplog):
     reference = open_model(model_file)
     [name] = _entries(cache)
+    size = (cache / name / "weights.bin").stat().st_size
+    assert size > 90e6  # SmolLM2-135M: 4-bit layers and the Q8_0 vocabulary, as in the file
     with open(cache / name / "weights.bin", "r+b") as f:
         f.truncate(1000)
     with caplog.at_level(logging.WARNING, logger="inhouse.weights"):
@@ -116,7 +120,7 @@ def test_a_damaged_entry_is_dropped_and_the_file_converted(model_file, cache, ca
     a, b = _tensors(reference.model), _tensors(again.model)
     assert all(torch.equal(a[k], b[k]) for k in a)
     [rewritten] = _entries(cache)  # converted and written again
-    assert rewritten == name and (cache / name / "weights.bin").stat().st_size > 100e6
+    assert rewritten == name and (cache / name / "weights.bin").stat().st_size == size
 
 
 @needs_native
@@ -147,18 +151,20 @@ def test_no_entry_without_the_native_layout_or_for_unquantized_runs(model_file, 
 
 
 @needs_native
-def test_a_4bit_embedding_comes_back_as_the_same_shared_rows(model_file, cache):
-    """A model whose tied embedding is 4-bit (a Q4_1 token_embd): the entry rebuilds the
-    `Int4Embedding` and the output's pass on one matrix, bit for bit."""
+@pytest.mark.parametrize("vocabulary", ["q4", "q8"])
+def test_a_quantized_embedding_comes_back_as_the_same_shared_rows(model_file, cache, vocabulary):
+    """A model whose tied embedding is the file's rows (a Q4_1 or Q8_0 token_embd): the entry
+    rebuilds the `Int4Embedding` / `Int8Embedding` and the output's pass on one matrix, bit for bit."""
     import sys
 
-    model, _ = sys.modules["_inhouse_tests_tiny"].tiny_with_4bit_vocabulary()
+    model, _ = sys.modules["_inhouse_tests_tiny"].tiny_with_file_vocabulary(vocabulary)
     tokenizer = open_model(model_file).tokenizer
     key = prepared.entry_key(model_file, torch.bfloat16, "int4")
     assert prepared.save(key, model, tokenizer, source=model_file, dtype=torch.bfloat16, quantize="int4")
     back = prepared.load(key, model_file).model
     assert repr(back) == repr(model)
-    assert back.tok_embeddings.weight_q4 is back.output.approx.weight_q4 and back.output.rows is None
+    table = "weight_q4" if vocabulary == "q4" else "weight_int8"
+    assert getattr(back.tok_embeddings, table) is getattr(back.output.approx, table) and back.output.rows is None
     assert back.dtype == torch.bfloat16
     a, b = _tensors(model), _tensors(back)
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -61,18 +61,12 @@ inline uint16_t to_bf16(float f) {  // round to nearest even, as PyTorch's conve
   return static_cast<uint16_t>(u >> 16);
 }
 
-// A quantized (N, K) matrix: 4-bit codes with fp16 steps/mins per group of 32 (Int4Linear) or
-// int8 with one fp32 scale per row (Int8Linear).
+// A quantized (N, K) matrix (quant_cpu.h `Weights`): 4-bit codes with fp16 steps/mins per group
+// of 32 (Int4Linear), int8 with one fp32 scale per row or one fp16 step per group (Int8Linear).
 struct Linear {
   int64_t N = 0, K = 0;
-  const uint8_t* w4 = nullptr;
-  const at::Half* steps = nullptr;
-  const at::Half* mins = nullptr;
-  const int8_t* w8 = nullptr;
-  const float* row_scales = nullptr;
-
-  int64_t row_bytes() const { return w4 != nullptr ? K / 2 : K; }
-  const char* base() const { return w4 != nullptr ? reinterpret_cast<const char*>(w4) : reinterpret_cast<const char*>(w8); }
+  Weights W;
+  int64_t row_bytes() const { return W.row_bytes(K); }
 };
 
 // M activation rows quantized for the row kernels: q (M x K int16, `quantize_row`'s layout);
@@ -89,32 +83,15 @@ struct Act {
 void linear_rows(const Linear& L, int64_t n0, int64_t n1, const Act& a, int64_t M, float* out, int64_t ldo) {
   if (n0 >= n1) return;
   const int64_t rb = L.row_bytes();
-  const char* w = L.base();
+  const char* w = reinterpret_cast<const char*>(L.W.w);
   for (int64_t off = 0; off < std::min<int64_t>(kPrefetch, (n1 - n0) * rb); off += 64) {
     _mm_prefetch(w + n0 * rb + off, _MM_HINT_T0);  // the first rows; later ones are prefetched as we go
   }
   for (int64_t nb = n0; nb < n1; nb += 16) {
     const int64_t ne = std::min<int64_t>(nb + 16, n1);
     for (int64_t m = 0; m < M; m += kTileRows) {
-      const int r = static_cast<int>(std::min<int64_t>(kTileRows, M - m));
-      const float* s = a.scales + m * a.G16;
-      const float* su = a.sums + m * a.G16;
-      float* o = out + m * ldo;
-      if (L.w4 != nullptr) {
-        switch (r) {
-#define INHOUSE_TILE(R) case R: rows_times_int4<R>(nb, ne, L.K, L.w4, L.steps, L.mins, a.q, a.M, m, s, su, a.G16, o, ldo); break;
-          INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
-          default: rows_times_int4<1>(nb, ne, L.K, L.w4, L.steps, L.mins, a.q, a.M, m, s, su, a.G16, o, ldo); break;
-#undef INHOUSE_TILE
-        }
-      } else {
-        switch (r) {
-#define INHOUSE_TILE(R) case R: rows_times_int8<R>(nb, ne, L.K, L.w8, L.row_scales, a.q, a.M, m, s, a.G16, o, ldo); break;
-          INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
-          default: rows_times_int8<1>(nb, ne, L.K, L.w8, L.row_scales, a.q, a.M, m, s, a.G16, o, ldo); break;
-#undef INHOUSE_TILE
-        }
-      }
+      tile(std::min<int64_t>(kTileRows, M - m), nb, ne, L.K, L.W, a.q, a.M, m, a.scales + m * a.G16, a.sums + m * a.G16,
+           a.G16, out + m * ldo, ldo);
     }
   }
 }
@@ -308,16 +285,6 @@ void attend_group(const float* q, int64_t G, const uint16_t* kc, const uint16_t*
   }
 }
 
-// Row n of a 4-bit matrix in fp32 (`int4_row_values`).
-inline void int4_row(const Linear& L, int64_t n, float* out) {
-  const int64_t G = L.K / kGroup;
-  int4_row_values(L.w4 + n * (L.K / 2), reinterpret_cast<const uint16_t*>(L.steps) + n * G,
-                  reinterpret_cast<const uint16_t*>(L.mins) + n * G, L.K, [&](int64_t g, simd::vf f0, simd::vf f1) {
-                    simd::store(out + g * kGroup, f0);
-                    simd::store(out + g * kGroup + 16, f1);
-                  });
-}
-
 // Indices of the k largest of v[0..n) (any order).
 void top_k(const float* v, int64_t n, int64_t k, int64_t* out) {
   std::vector<std::pair<float, int64_t>> heap;  // min-heap of the best so far
@@ -364,18 +331,20 @@ struct Scratch {
 
 class FusedDecoder : public torch::CustomClassHolder {
  public:
-  // final_norm (D,) fp32; inv_freq (hd/2,) fp32. The embedding: [table (V, D) bf16] or a 4-bit
-  // table [codes (V, D/2) uint8, steps, mins (V, D/32) fp16] (Int4Embedding). The output projection:
+  // final_norm (D,) fp32; inv_freq (hd/2,) fp32. The embedding: [table (V, D) bf16], a 4-bit table
+  // [codes (V, D/2) uint8, steps, mins (V, D/32) fp16] (Int4Embedding) or an int8 one with group
+  // steps [codes (V, D) int8, steps (V, D/32) fp16, unused] (Int8Embedding). The output projection:
   // an int8 pass [w8 (V, D) int8, scales (V,) fp32, rows (V, D) bf16] whose top `rescore_k` logits
-  // are recomputed from the bf16 rows, or a 4-bit pass [codes, steps, mins] whose top logits are
-  // recomputed from its own rows, dequantized (RescoredOutput).
+  // are recomputed from the bf16 rows, or a 4-bit pass [codes, steps, mins] or an int8 one with
+  // group steps [codes, steps, unused] whose top logits are recomputed from its own rows,
+  // dequantized: the file's values (RescoredOutput).
   FusedDecoder(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps, at::Tensor final_norm,
                at::Tensor inv_freq, std::vector<at::Tensor> embedding, std::vector<at::Tensor> output, int64_t rescore_k)
       : H_(n_heads), KH_(n_kv_heads), hd_(head_dim), eps_(static_cast<float>(eps)), k_(rescore_k) {
     TORCH_CHECK((embedding.size() == 1 || embedding.size() == 3) && embedding[0].dim() == 2,
-                "FusedDecoder: the embedding is one bf16 (V, D) table or a 4-bit one (codes, steps, mins)");
+                "FusedDecoder: the embedding is one bf16 (V, D) table or a quantized one (codes, steps, mins)");
     V_ = embedding[0].size(0);
-    D_ = embedding.size() == 1 ? embedding[0].size(1) : embedding[0].size(1) * 2;
+    D_ = embedding[0].scalar_type() == at::kByte ? embedding[0].size(1) * 2 : embedding[0].size(1);
     TORCH_CHECK(D_ % 64 == 0 && hd_ % 16 == 0 && H_ % KH_ == 0 && (H_ * hd_) % 64 == 0,
                 "FusedDecoder: unsupported geometry (dim ", D_, ", heads ", H_, "/", KH_, ", head_dim ", hd_, ")");
     check_f32(final_norm, D_, "final norm");
@@ -385,12 +354,12 @@ class FusedDecoder : public torch::CustomClassHolder {
                   "FusedDecoder: the embedding table must be contiguous (V, D) bf16");
       emb_ = reinterpret_cast<const uint16_t*>(embedding[0].data_ptr<at::BFloat16>());
     } else {
-      emb4_ = make_linear(embedding[0], embedding[1], embedding[2], V_, D_);
-      TORCH_CHECK(emb4_.w4 != nullptr, "FusedDecoder: a 3-tensor embedding must be 4-bit (uint8 codes, fp16 steps and mins)");
+      table_ = make_linear(embedding[0], embedding[1], embedding[2], V_, D_);
+      TORCH_CHECK(table_.W.fmt != Fmt::int8_rows, "FusedDecoder: a quantized embedding must be 4-bit or int8 with group steps");
     }
     TORCH_CHECK(output.size() == 3, "FusedDecoder: the output projection is 3 tensors");
     out_ = make_linear(output[0], output[1], output[2], V_, D_);
-    if (out_.w8 != nullptr) {
+    if (out_.W.fmt == Fmt::int8_rows) {
       check_f32(output[1], V_, "output scales");
       TORCH_CHECK(output[2].scalar_type() == at::kBFloat16 && output[2].is_contiguous() && output[2].size(0) == V_ &&
                   output[2].size(1) == D_, "FusedDecoder: the output rows must be (V, D) bf16");
@@ -406,7 +375,7 @@ class FusedDecoder : public torch::CustomClassHolder {
 
   // One layer: its two norm weights, then (w, a, b) for wq, wk, wv, wo, w1, w3, w2, each either
   // int4 (uint8 codes (N, K/2), fp16 steps and mins (N, K/32)) or int8 (int8 (N, K), fp32 row
-  // scales (N,), b unused).
+  // scales (N,) or fp16 group steps (N, K/32), b unused).
   void add_layer(std::vector<at::Tensor> t) {
     TORCH_CHECK(t.size() == 23, "FusedDecoder.add_layer: expected 23 tensors, got ", t.size());
     Layer L;
@@ -556,7 +525,7 @@ class FusedDecoder : public torch::CustomClassHolder {
         }
       } else {
         share(B, t, nt, b0, b1);
-        for (int64_t b = b0; b < b1; ++b) int4_row(emb4_, tok[b], h_.data() + b * D_);
+        for (int64_t b = b0; b < b1; ++b) weight_row(table_.W, tok[b], D_, h_.data() + b * D_);
       }
 #pragma omp barrier
       for (size_t l = 0; l < layers_.size(); ++l) {
@@ -656,7 +625,7 @@ class FusedDecoder : public torch::CustomClassHolder {
             for (int64_t d = 0; d < D_; d += 16) acc = simd::fmadd(simd::load_bf16(r + d), simd::load(x + d), acc);
           } else {
             float* r = sc.tmp.data();
-            int4_row(out_, top[j], r);
+            weight_row(out_.W, top[j], D_, r);
             for (int64_t d = 0; d < D_; d += 16) acc = simd::fmadd(simd::load(r + d), simd::load(x + d), acc);
           }
           lg[b * V_ + top[j]] = simd::reduce_add(acc);
@@ -691,17 +660,26 @@ class FusedDecoder : public torch::CustomClassHolder {
     L.K = K;
     TORCH_CHECK(w.is_contiguous() && a.is_contiguous() && w.dim() == 2 && w.size(0) == N && K % 64 == 0,
                 "FusedDecoder: a (", N, ", ", K, ") matrix was expected, got ", w.sizes());
+    auto halves = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); };
     if (w.scalar_type() == at::kByte) {
       TORCH_CHECK(w.size(1) == K / 2 && a.scalar_type() == at::kHalf && b.scalar_type() == at::kHalf && b.is_contiguous() &&
                   a.numel() == N * K / kGroup && b.numel() == N * K / kGroup, "FusedDecoder: bad int4 matrix");
-      L.w4 = w.data_ptr<uint8_t>();
-      L.steps = a.data_ptr<at::Half>();
-      L.mins = b.data_ptr<at::Half>();
+      L.W.fmt = Fmt::int4;
+      L.W.w = w.data_ptr<uint8_t>();
+      L.W.steps = halves(a);
+      L.W.mins = halves(b);
+    } else if (a.dim() == 2) {
+      TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == K && a.scalar_type() == at::kHalf && a.size(0) == N &&
+                  a.size(1) == K / kGroup, "FusedDecoder: bad int8 matrix with group steps");
+      L.W.fmt = Fmt::int8_groups;
+      L.W.w = reinterpret_cast<const uint8_t*>(w.data_ptr<int8_t>());
+      L.W.steps = halves(a);
     } else {
       TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == K && a.scalar_type() == at::kFloat && a.numel() == N,
                   "FusedDecoder: bad int8 matrix");
-      L.w8 = w.data_ptr<int8_t>();
-      L.row_scales = a.data_ptr<float>();
+      L.W.fmt = Fmt::int8_rows;
+      L.W.w = reinterpret_cast<const uint8_t*>(w.data_ptr<int8_t>());
+      L.W.row_scales = a.data_ptr<float>();
     }
     return L;
   }
@@ -711,11 +689,11 @@ class FusedDecoder : public torch::CustomClassHolder {
   int64_t k_;
   int64_t V_ = 0, D_ = 0, F_ = 0;
   const uint16_t* emb_ = nullptr;  // a bf16 table, or
-  Linear emb4_;                    // a 4-bit one
+  Linear table_;                   // a quantized one (4-bit, or int8 with group steps)
   const float* final_norm_ = nullptr;
   const float* inv_freq_ = nullptr;
   Linear out_;
-  const uint16_t* out_rows_ = nullptr;  // bf16 rows to recompute the top logits from (null: out_'s own, 4-bit)
+  const uint16_t* out_rows_ = nullptr;  // bf16 rows to recompute the top logits from (null: out_'s own)
   std::vector<Layer> layers_;
   std::vector<uint16_t*> kc_, vc_;
   int64_t cache_rows_ = 0, cache_len_ = 0;

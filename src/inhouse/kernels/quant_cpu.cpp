@@ -1,4 +1,4 @@
-// 4-bit weights x 16-bit integer activations (AVX-512 VNNI or AVX2, see simd.h): the decode-time matmuls of
+// 4-bit or int8 weights x 16-bit integer activations (AVX-512 VNNI or AVX2, see simd.h): the decode-time matmuls of
 // inhouse's Int4Linear and Int8Linear (the kernels themselves are in quant_cpu.h).
 //
 // One pass over the weights serves up to 8 activation rows; output rows are split across
@@ -36,20 +36,29 @@ QuantizedRows quantize_rows(const at::Tensor& x) {
   return {xq.data(), xs.data(), xsum.data(), G16};
 }
 
-// Output rows split across threads; 16 of them at a time stay in L1 while every block of up to
-// 8 activation rows passes over them. `rows(R, n0, n1, m)` runs one such tile.
-template <typename Tile>
-void over_tiles(int64_t M, int64_t N, const char* w, int64_t row_bytes, const Tile& tile) {
+// y = x W^T: output rows split across threads; 16 of them at a time stay in L1 while every block
+// of up to 8 activation rows passes over them.
+at::Tensor times(const at::Tensor& x_in, const Weights& W, int64_t N, int64_t K) {
+  const at::Tensor x = x_in.to(at::kFloat).contiguous();
+  const int64_t M = x.size(0), rb = W.row_bytes(K);
+  const QuantizedRows xr = quantize_rows(x);
+  at::Tensor out = at::empty({M, N}, x.options());
+  float* op = out.data_ptr<float>();
+  const char* w = reinterpret_cast<const char*>(W.w);
   at::parallel_for(0, N, 16, [&](int64_t begin, int64_t end) {
     // the first rows: later ones are prefetched while earlier ones are computed
-    for (int64_t off = 0; off < std::min<int64_t>(kPrefetch, (end - begin) * row_bytes); off += 64) {
-      _mm_prefetch(w + begin * row_bytes + off, _MM_HINT_T0);
+    for (int64_t off = 0; off < std::min<int64_t>(kPrefetch, (end - begin) * rb); off += 64) {
+      _mm_prefetch(w + begin * rb + off, _MM_HINT_T0);
     }
     for (int64_t n0 = begin; n0 < end; n0 += 16) {
       const int64_t n1 = std::min<int64_t>(n0 + 16, end);
-      for (int64_t m = 0; m < M; m += kTileRows) tile(std::min<int64_t>(kTileRows, M - m), n0, n1, m);
+      for (int64_t m = 0; m < M; m += kTileRows) {
+        tile(std::min<int64_t>(kTileRows, M - m), n0, n1, K, W, xr.q, M, m, xr.scales + m * xr.G16, xr.sums + m * xr.G16,
+             xr.G16, op + m * N, N);
+      }
     }
   });
+  return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());
 }
 
 void check_x(const at::Tensor& x, int64_t K, const char* op) {
@@ -58,61 +67,45 @@ void check_x(const at::Tensor& x, int64_t K, const char* op) {
               kMaxGroups * kGroup, ", got ", K);
 }
 
-at::Tensor int4_mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& steps, const at::Tensor& mins) {
+const uint16_t* halves(const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); }
+
+at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& steps, const at::Tensor& mins) {
   TORCH_CHECK(w.scalar_type() == at::kByte && steps.scalar_type() == at::kHalf && mins.scalar_type() == at::kHalf,
               "int4_mm: weights must be uint8 codes with fp16 steps and mins");
   const int64_t N = w.size(0), K = w.size(1) * 2;
-  check_x(x_in, K, "int4_mm");
+  check_x(x, K, "int4_mm");
   TORCH_CHECK(steps.size(0) == N && steps.size(1) == K / kGroup && mins.sizes() == steps.sizes(),
               "int4_mm: steps/mins must be (N, K/32)");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
   const at::Tensor wc = w.contiguous(), sc = steps.contiguous(), mc = mins.contiguous();
-  const int64_t M = x.size(0);
-  const QuantizedRows xr = quantize_rows(x);
-  at::Tensor out = at::empty({M, N}, x.options());
-  float* op = out.data_ptr<float>();
-  const uint8_t* wp = wc.data_ptr<uint8_t>();
-  const at::Half* spp = sc.data_ptr<at::Half>();
-  const at::Half* mpp = mc.data_ptr<at::Half>();
-  over_tiles(M, N, reinterpret_cast<const char*>(wp), K / 2, [&](int64_t r, int64_t n0, int64_t n1, int64_t m) {
-    const float* s = xr.scales + m * xr.G16;
-    const float* su = xr.sums + m * xr.G16;
-    float* o = op + m * N;
-    switch (r) {
-#define INHOUSE_TILE(R) case R: rows_times_int4<R>(n0, n1, K, wp, spp, mpp, xr.q, M, m, s, su, xr.G16, o, N); break;
-      INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
-      default: rows_times_int4<1>(n0, n1, K, wp, spp, mpp, xr.q, M, m, s, su, xr.G16, o, N); break;
-#undef INHOUSE_TILE
-    }
-  });
-  return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());
+  Weights W;
+  W.fmt = Fmt::int4;
+  W.w = wc.data_ptr<uint8_t>();
+  W.steps = halves(sc);
+  W.mins = halves(mc);
+  return times(x, W, N, K);
 }
 
-at::Tensor int8_mm(const at::Tensor& x_in, const at::Tensor& w, const at::Tensor& row_scales) {
-  TORCH_CHECK(w.scalar_type() == at::kChar && row_scales.scalar_type() == at::kFloat,
-              "int8_mm: weights must be int8 with fp32 row scales");
+// int8 weights with one fp32 scale per row (scales (N,)) or one fp16 step per group of 32
+// (scales (N, K/32): a GGUF Q8_0 matrix as it is).
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+  TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2, "int8_mm: weights must be (N, K) int8");
   const int64_t N = w.size(0), K = w.size(1);
-  check_x(x_in, K, "int8_mm");
-  TORCH_CHECK(row_scales.numel() == N, "int8_mm: one scale per output row");
-  const at::Tensor x = x_in.to(at::kFloat).contiguous();
-  const at::Tensor wc = w.contiguous(), sc = row_scales.contiguous();
-  const int64_t M = x.size(0);
-  const QuantizedRows xr = quantize_rows(x);
-  at::Tensor out = at::empty({M, N}, x.options());
-  float* op = out.data_ptr<float>();
-  const int8_t* wp = wc.data_ptr<int8_t>();
-  const float* sp = sc.data_ptr<float>();
-  over_tiles(M, N, reinterpret_cast<const char*>(wp), K, [&](int64_t r, int64_t n0, int64_t n1, int64_t m) {
-    const float* s = xr.scales + m * xr.G16;
-    float* o = op + m * N;
-    switch (r) {
-#define INHOUSE_TILE(R) case R: rows_times_int8<R>(n0, n1, K, wp, sp, xr.q, M, m, s, xr.G16, o, N); break;
-      INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
-      default: rows_times_int8<1>(n0, n1, K, wp, sp, xr.q, M, m, s, xr.G16, o, N); break;
-#undef INHOUSE_TILE
-    }
-  });
-  return x_in.scalar_type() == at::kFloat ? out : out.to(x_in.scalar_type());
+  check_x(x, K, "int8_mm");
+  const bool groups = scales.dim() == 2;
+  TORCH_CHECK(groups ? scales.scalar_type() == at::kHalf && scales.size(0) == N && scales.size(1) == K / kGroup
+                     : scales.scalar_type() == at::kFloat && scales.numel() == N,
+              "int8_mm: the scales must be (N,) fp32 (one per row) or (N, K/32) fp16 (one per group)");
+  const at::Tensor wc = w.contiguous(), sc = scales.contiguous();
+  Weights W;
+  W.w = reinterpret_cast<const uint8_t*>(wc.data_ptr<int8_t>());
+  if (groups) {
+    W.fmt = Fmt::int8_groups;
+    W.steps = halves(sc);
+  } else {
+    W.fmt = Fmt::int8_rows;
+    W.row_scales = sc.data_ptr<float>();
+  }
+  return times(x, W, N, K);
 }
 
 // The (N, K) matrix of int4 weights, for prompt chunks (where a regular matmul wins): each weight
@@ -127,13 +120,11 @@ at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& steps, const a
   const at::Tensor wc = w.contiguous(), sc = steps.contiguous(), mc = mins.contiguous();
   at::Tensor out = at::empty({N, K}, w.options().dtype(fp32 ? at::kFloat : at::kBFloat16));
   const uint8_t* wp = wc.data_ptr<uint8_t>();
-  const at::Half* spp = sc.data_ptr<at::Half>();
-  const at::Half* mpp = mc.data_ptr<at::Half>();
   uint16_t* op = fp32 ? nullptr : reinterpret_cast<uint16_t*>(out.data_ptr<at::BFloat16>());
   float* of = fp32 ? out.data_ptr<float>() : nullptr;
   at::parallel_for(0, N, 16, [&](int64_t n0, int64_t n1) {
     for (int64_t n = n0; n < n1; ++n) {
-      int4_row_values(wp + n * (K / 2), reinterpret_cast<const uint16_t*>(spp) + n * G, reinterpret_cast<const uint16_t*>(mpp) + n * G, K,
+      row_values<Fmt::int4>(wp + n * (K / 2), halves(sc) + n * G, halves(mc) + n * G, K,
                       [&](int64_t g, simd::vf f0, simd::vf f1) {
                         if (fp32) {
                           simd::store(of + n * K + g * kGroup, f0);

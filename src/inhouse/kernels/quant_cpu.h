@@ -138,67 +138,33 @@ inline void quantize_row(const float* x, int64_t K, int64_t M, int64_t b, int16_
   }
 }
 
-// The codes of the block of P groups at g0 of a 4-bit row as int16, in column order: codes[i * 32 +
-// k] is column k of group g0 + i.
-inline void int4_block_codes(const uint8_t* w, int64_t g0, int P, int16_t* codes) {
-  const uint8_t* wb = w + g0 * (kGroup / 2);
-#ifdef INHOUSE_SIMD_TRANSPOSE16
-  if (P == 16) {  // the chunks as int16 (in order on AVX-512), transposed back into groups
-    __m512i r[16];
-    for (int u = 0; u < 8; ++u) simd::int4_groups(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * u)), r[2 * u], r[2 * u + 1]);
-    simd::transpose16(r);
-    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(codes + i * kGroup, r[i]);
-    return;
-  }
-#endif
-  alignas(64) uint8_t chunks[simd::kLanes * kGroup];  // the block's chunks, in place order
-  const __m256i low4 = _mm256_set1_epi8(0x0F);
-  for (int u = 0; u < P / 2; ++u) {
-    const __m256i b = _mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * u));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(chunks + 64 * u), _mm256_and_si256(b, low4));
-    _mm256_storeu_si256(reinterpret_cast<__m256i*>(chunks + 64 * u + 32), _mm256_and_si256(_mm256_srli_epi16(b, 4), low4));
-  }
-  const int wd = static_cast<int>(kGroup) / P;
-  for (int i = 0; i < P; ++i)
-    for (int c = 0; c < P; ++c)
-      for (int k = 0; k < wd; ++k) codes[i * kGroup + c * wd + k] = chunks[c * kGroup + i * wd + k];
-}
+// The weight formats of the row kernels (see the top of this file):
+//   int4:        4-bit codes, fp16 step and min per group of 32 (Int4Linear; GGUF Q4_0/Q4_1);
+//   int8_rows:   int8, one fp32 scale per row (Int8Linear);
+//   int8_groups: int8, one fp16 step per group of 32 (Int8Linear of a GGUF Q8_0 matrix, exact).
+enum class Fmt { int4, int8_rows, int8_groups };
 
-// Row n of a 4-bit matrix (K columns) in fp32, code * step + min per element (a multiply then an
-// add, as PyTorch's ops and inhouse.model.quant.int4_rows compute it): `put(g, f0, f1)` receives
-// group g's columns 0-15 and 16-31.
-template <typename Put>
-inline void int4_row_values(const uint8_t* w, const uint16_t* steps, const uint16_t* mins, int64_t K, const Put& put) {
-  using namespace simd;
-  const int64_t G = K / kGroup;
-  alignas(64) int16_t codes[kLanes * kGroup];
-  for (int64_t g0 = 0; g0 < G;) {
-    const int P = block_groups(G, g0);
-    int4_block_codes(w, g0, P, codes);
-    for (int i = 0; i < P; ++i) {
-      const int64_t g = g0 + i;
-      const vf st = set1(_cvtsh_ss(steps[g])), mn = set1(_cvtsh_ss(mins[g]));
-      put(g, add(mul(to_float(i16_to_i32(codes + i * kGroup)), st), mn), add(mul(to_float(i16_to_i32(codes + i * kGroup + 16)), st), mn));
-    }
-    g0 += P;
-  }
-}
+// A quantized (N, K) matrix in the native layout; row n's codes at w + n * row_bytes(K).
+struct Weights {
+  Fmt fmt = Fmt::int4;
+  const uint8_t* w = nullptr;
+  const uint16_t* steps = nullptr;   // (N, K/32) fp16: int4, int8_groups
+  const uint16_t* mins = nullptr;    // (N, K/32) fp16: int4
+  const float* row_scales = nullptr; // (N,): int8_rows
+  int64_t row_bytes(int64_t K) const { return fmt == Fmt::int4 ? K / 2 : K; }
+};
 
-// The row kernels: output rows [n0, n1) (at most 16) for the R activation rows m.. of M (xq: all
-// M rows, `quantize_row`; xs, xsum and out: the tile's first row). kPassRows weight rows
-// are computed side by side (each activation load serves all of them); each output's lanes are
-// summed at the end, 16 outputs at a time (`sum_lanes`). A lone last weight row is computed twice.
-template <int R>
-inline void reduce_outputs(const simd::vq (*lanes)[R], int64_t nn, const float* row_scales, float* out, int64_t ldo) {
-  using namespace simd;
-  for (int64_t i0 = 0; i0 < nn; i0 += kLanes) {
-    for (int r = 0; r < R; ++r) {
-      vq v[kLanes];
-      for (int i = 0; i < kLanes; ++i) v[i] = i0 + i < nn ? lanes[i0 + i][r] : q_zero();
-      vq s = sum_lanes(v);
-      if (row_scales != nullptr) s = q_mul(s, load_lanes_n(row_scales + i0, nn - i0));
-      store_lanes_n(out + r * ldo + i0, s, nn - i0);
-    }
+template <Fmt F>
+constexpr int64_t kGroupBytes = F == Fmt::int4 ? kGroup / 2 : kGroup;  // bytes of codes per group
+
+// Two chunks of weights as int16 (chunks 2u and 2u + 1 of a block starting at wb).
+template <Fmt F>
+__attribute__((always_inline)) inline void chunk_pair(const uint8_t* wb, int u, simd::vw& c0, simd::vw& c1) {
+  if constexpr (F == Fmt::int4) {  // 32 bytes: the first chunk in the low nibbles, the second in the high ones
+    simd::int4_groups(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * u)), c0, c1);
+  } else {  // 64 bytes
+    c0 = simd::int8_group(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * u)));
+    c1 = simd::int8_group(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * u + 32)));
   }
 }
 
@@ -212,10 +178,10 @@ inline void reduce_outputs(const simd::vq (*lanes)[R], int64_t nn, const float* 
 
 // The integer dot products of one block of P groups (compile-time, so that its chunks unroll into
 // straight-line code with every accumulator in a register and every address an offset of one
-// pointer): d[j][r] for weight rows wr[j] (the block's bytes) and activation rows r (the block's
-// chunks of the tile's rows, from xb: `quantize_row`).
-template <int R, int NB, int S, int P>
-__attribute__((always_inline)) inline void int4_block(const uint8_t* const* wr, const int16_t* xb, simd::vd (&d)[NB][R]) {
+// pointer): d[j][r] for weight rows wr[j] (the block's codes) and activation rows r (the block's
+// chunks of the tile's rows, from xb: `quantize_row`). S dot-product chains per output.
+template <Fmt F, int R, int NB, int S, int P>
+__attribute__((always_inline)) inline void block_dots(const uint8_t* const* wr, const int16_t* xb, simd::vd (&d)[NB][R]) {
   using namespace simd;
   // one pointer for the whole block: the compiler would otherwise hoist each chunk's address out
   // of the callers' loops (they do not depend on the weight row) and spill them
@@ -228,10 +194,10 @@ __attribute__((always_inline)) inline void int4_block(const uint8_t* const* wr, 
 #pragma GCC unroll 2
       for (int i = 0; i < S; ++i) e[j][r][i] = dot_zero();
 INHOUSE_UNROLL_CHUNKS
-  for (int u = 0; u < P / 2; ++u) {  // 32 bytes: two chunks
+  for (int u = 0; u < P / 2; ++u) {
     vw c[NB][2];
 #pragma GCC unroll 2
-    for (int j = 0; j < NB; ++j) int4_groups(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + 32 * u)), c[j][0], c[j][1]);
+    for (int j = 0; j < NB; ++j) chunk_pair<F>(wr[j], u, c[j][0], c[j][1]);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const int16_t* x = xb + (r * P + 2 * u) * kGroup;
@@ -239,43 +205,6 @@ INHOUSE_UNROLL_CHUNKS
       for (int j = 0; j < NB; ++j) {
         e[j][r][0] = dot_acc(e[j][r][0], c[j][0], x);
         e[j][r][S - 1] = dot_acc(e[j][r][S - 1], c[j][1], x + 32);
-      }
-    }
-  }
-#pragma GCC unroll 2
-  for (int j = 0; j < NB; ++j)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) d[j][r] = S == 2 ? dot_add(e[j][r][0], e[j][r][S - 1]) : e[j][r][0];
-}
-
-template <int R, int NB, int S, int P>
-__attribute__((always_inline)) inline void int8_block(const int8_t* const* wr, const int16_t* xb, simd::vd (&d)[NB][R]) {
-  using namespace simd;
-  // one pointer for the whole block: the compiler would otherwise hoist each chunk's address out
-  // of the callers' loops (they do not depend on the weight row) and spill them
-  __asm__("" : "+r"(xb));
-  vd e[NB][R][S];
-#pragma GCC unroll 2
-  for (int j = 0; j < NB; ++j)
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r)
-#pragma GCC unroll 2
-      for (int i = 0; i < S; ++i) e[j][r][i] = dot_zero();
-INHOUSE_UNROLL_CHUNKS
-  for (int c = 0; c < P; c += 2) {  // 64 bytes: two chunks
-    vw cw[NB][2];
-#pragma GCC unroll 2
-    for (int j = 0; j < NB; ++j) {
-      cw[j][0] = int8_group(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + 32 * c)));
-      cw[j][1] = int8_group(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wr[j] + 32 * c + 32)));
-    }
-#pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const int16_t* x = xb + (r * P + c) * kGroup;
-#pragma GCC unroll 2
-      for (int j = 0; j < NB; ++j) {
-        e[j][r][0] = dot_acc(e[j][r][0], cw[j][0], x);
-        e[j][r][S - 1] = dot_acc(e[j][r][S - 1], cw[j][1], x + 32);
       }
     }
   }
@@ -296,13 +225,35 @@ __attribute__((always_inline)) inline void with_block(int P, const F& f) {
   }
 }
 
+// Each output's lanes summed, 16 outputs at a time (`sum_lanes`), times the row scales if any.
 template <int R>
-void rows_times_int4(int64_t n0, int64_t n1, int64_t K, const uint8_t* w, const at::Half* steps,
-                        const at::Half* mins, const int16_t* xq, int64_t M, int64_t m, const float* xs, const float* xsum,
-                        int64_t G16, float* out, int64_t ldo) {
+inline void reduce_outputs(const simd::vq (*lanes)[R], int64_t nn, const float* row_scales, float* out, int64_t ldo) {
+  using namespace simd;
+  for (int64_t i0 = 0; i0 < nn; i0 += kLanes) {
+    for (int r = 0; r < R; ++r) {
+      vq v[kLanes];
+      for (int i = 0; i < kLanes; ++i) v[i] = i0 + i < nn ? lanes[i0 + i][r] : q_zero();
+      vq s = sum_lanes(v);
+      if (row_scales != nullptr) s = q_mul(s, load_lanes_n(row_scales + i0, nn - i0));
+      store_lanes_n(out + r * ldo + i0, s, nn - i0);
+    }
+  }
+}
+
+// The row kernel: output rows [n0, n1) (at most 16) of W for the R activation rows m.. of M (xq:
+// all M rows, `quantize_row`; xs, xsum and out: the tile's first row). kPassRows weight rows are
+// computed side by side (each activation load serves all of them); a block's dot products are
+// converted and scaled at once (per group: the weights' step times the activations' scale), the
+// mins term (int4) is added from the exact group sums of x, and each output's lanes are summed at
+// the end. A lone last weight row is computed twice.
+template <Fmt F, int R>
+void rows_times(int64_t n0, int64_t n1, int64_t K, const Weights& W, const int16_t* xq, int64_t M, int64_t m,
+                const float* xs, const float* xsum, int64_t G16, float* out, int64_t ldo) {
   using namespace simd;
   constexpr int NB = R == 1 ? 1 : kPassRows;  // one row at a time is memory-bound: a pair only adds overhead
   constexpr int S = R > 2 ? 1 : 2;  // dot-product chains per output and row (few rows need two to hide latency)
+  constexpr bool kSteps = F != Fmt::int8_rows;
+  constexpr int64_t gb = kGroupBytes<F>;
   const int64_t G = K / kGroup;
   vq lanes[16][R];
   for (int64_t n = n0; n < n1; n += NB) {
@@ -311,79 +262,139 @@ void rows_times_int4(int64_t n0, int64_t n1, int64_t K, const uint8_t* w, const 
     const uint16_t* mr[NB];
     for (int j = 0; j < NB; ++j) {
       const int64_t nj = std::min(n + j, n1 - 1);
-      wr[j] = w + nj * (K / 2);
-      sr[j] = reinterpret_cast<const uint16_t*>(steps) + nj * G;
-      mr[j] = reinterpret_cast<const uint16_t*>(mins) + nj * G;
+      wr[j] = W.w + nj * G * gb;
+      if constexpr (kSteps) sr[j] = W.steps + nj * G;
+      if constexpr (F == Fmt::int4) mr[j] = W.mins + nj * G;
     }
     vq acc[NB][R];
     for (int j = 0; j < NB; ++j)
       for (int r = 0; r < R; ++r) acc[j][r] = q_zero();
-    for (int64_t g = 0; g < G; g += kLanes) {  // the mins term, the groups in order
-      vq m[NB];
-      for (int j = 0; j < NB; ++j) m[j] = load_half_lanes_n(mr[j] + g, G - g);
-      for (int r = 0; r < R; ++r) {
-        const vq xv = load_lanes(xsum + r * G16 + g);
-        for (int j = 0; j < NB; ++j) acc[j][r] = q_fmadd(m[j], xv, acc[j][r]);
+    if constexpr (F == Fmt::int4) {
+      for (int64_t g = 0; g < G; g += kLanes) {  // the mins term, the groups in order
+        vq mn[NB];
+        for (int j = 0; j < NB; ++j) mn[j] = load_half_lanes_n(mr[j] + g, G - g);
+        for (int r = 0; r < R; ++r) {
+          const vq xv = load_lanes(xsum + r * G16 + g);
+          for (int j = 0; j < NB; ++j) acc[j][r] = q_fmadd(mn[j], xv, acc[j][r]);
+        }
       }
     }
     for (int64_t g0 = 0; g0 < G;) {
       const int P = block_groups(G, g0);
       const uint8_t* wb[NB];
       for (int j = 0; j < NB; ++j) {
-        wb[j] = wr[j] + g0 * (kGroup / 2);
+        wb[j] = wr[j] + g0 * gb;
         // the weights are read once per token from memory, not cache: ask for them well ahead
-        for (int off = 0; off < P * 16; off += 64) _mm_prefetch(reinterpret_cast<const char*>(wb[j] + off + kPrefetch), _MM_HINT_T0);
+        for (int off = 0; off < P * gb; off += 64) _mm_prefetch(reinterpret_cast<const char*>(wb[j] + off + kPrefetch), _MM_HINT_T0);
       }
       vd d[NB][R];
-      with_block(P, [&](auto p) { int4_block<R, NB, S, decltype(p)::value>(wb, xq + (g0 * M + m * P) * kGroup, d); });
+      with_block(P, [&](auto p) { block_dots<F, R, NB, S, decltype(p)::value>(wb, xq + (g0 * M + m * P) * kGroup, d); });
       vq st[NB];
-      for (int j = 0; j < NB; ++j) st[j] = spread(load_half_lanes_n(sr[j] + g0, P), P);
+      if constexpr (kSteps)
+        for (int j = 0; j < NB; ++j) st[j] = spread(load_half_lanes_n(sr[j] + g0, P), P);
       for (int r = 0; r < R; ++r) {
         const vq xv = spread(load_lanes_n(xs + r * G16 + g0, P), P);
-        for (int j = 0; j < NB; ++j) acc[j][r] = q_fmadd(dot_float(d[j][r]), q_mul(st[j], xv), acc[j][r]);
+        for (int j = 0; j < NB; ++j) acc[j][r] = q_fmadd(dot_float(d[j][r]), kSteps ? q_mul(st[j], xv) : xv, acc[j][r]);
       }
       g0 += P;
     }
     for (int j = 0; j < NB && n + j < n1; ++j)
       for (int r = 0; r < R; ++r) lanes[n + j - n0][r] = acc[j][r];
   }
-  reduce_outputs<R>(lanes, n1 - n0, nullptr, out + n0, ldo);
+  reduce_outputs<R>(lanes, n1 - n0, F == Fmt::int8_rows ? W.row_scales + n0 : nullptr, out + n0, ldo);
 }
 
-template <int R>
-void rows_times_int8(int64_t n0, int64_t n1, int64_t K, const int8_t* w, const float* row_scales,
-                     const int16_t* xq, int64_t M, int64_t m, const float* xs, int64_t G16, float* out, int64_t ldo) {
+// One tile: output rows [n0, n1) (at most 16) of W for activation rows m .. m + R - 1 (R <= kTileRows).
+template <Fmt F>
+inline void tile_for(int64_t R, int64_t n0, int64_t n1, int64_t K, const Weights& W, const int16_t* xq, int64_t M,
+                     int64_t m, const float* xs, const float* xsum, int64_t G16, float* out, int64_t ldo) {
+  switch (R) {
+#define INHOUSE_TILE(R) case R: rows_times<F, R>(n0, n1, K, W, xq, M, m, xs, xsum, G16, out, ldo); break;
+    INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
+#undef INHOUSE_TILE
+    default: rows_times<F, 1>(n0, n1, K, W, xq, M, m, xs, xsum, G16, out, ldo); break;
+  }
+}
+
+// The same, whatever W's format. xs, xsum and out: the tile's first row.
+inline void tile(int64_t R, int64_t n0, int64_t n1, int64_t K, const Weights& W, const int16_t* xq, int64_t M, int64_t m,
+                 const float* xs, const float* xsum, int64_t G16, float* out, int64_t ldo) {
+  switch (W.fmt) {
+    case Fmt::int4: tile_for<Fmt::int4>(R, n0, n1, K, W, xq, M, m, xs, xsum, G16, out, ldo); break;
+    case Fmt::int8_rows: tile_for<Fmt::int8_rows>(R, n0, n1, K, W, xq, M, m, xs, xsum, G16, out, ldo); break;
+    case Fmt::int8_groups: tile_for<Fmt::int8_groups>(R, n0, n1, K, W, xq, M, m, xs, xsum, G16, out, ldo); break;
+  }
+}
+
+// The codes of the block of P groups at g0 of a row (int4 or int8) as int16, in column order:
+// codes[i * 32 + k] is column k of group g0 + i.
+template <Fmt F>
+inline void block_codes(const uint8_t* w, int64_t g0, int P, int16_t* codes) {
+  const uint8_t* wb = w + g0 * kGroupBytes<F>;
+#ifdef INHOUSE_SIMD_TRANSPOSE16
+  if (P == 16) {  // the chunks as int16 (in order on AVX-512), transposed back into groups
+    __m512i r[16];
+    for (int u = 0; u < 8; ++u) chunk_pair<F>(wb, u, r[2 * u], r[2 * u + 1]);
+    simd::transpose16(r);
+    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(codes + i * kGroup, r[i]);
+    return;
+  }
+#endif
+  alignas(64) int16_t chunks[simd::kLanes * kGroup];  // the block's chunks, in place order
+  for (int u = 0; u < P / 2; ++u) {
+    for (int j = 0; j < 32; ++j) {
+      if constexpr (F == Fmt::int4) {
+        chunks[64 * u + j] = wb[32 * u + j] & 15;
+        chunks[64 * u + 32 + j] = wb[32 * u + j] >> 4;
+      } else {
+        chunks[64 * u + j] = static_cast<int8_t>(wb[64 * u + j]);
+        chunks[64 * u + 32 + j] = static_cast<int8_t>(wb[64 * u + 32 + j]);
+      }
+    }
+  }
+  const int wd = static_cast<int>(kGroup) / P;
+  for (int i = 0; i < P; ++i)
+    for (int c = 0; c < P; ++c)
+      for (int k = 0; k < wd; ++k) codes[i * kGroup + c * wd + k] = chunks[c * kGroup + i * wd + k];
+}
+
+// Row w (K columns, int4 or int8 with group steps) in fp32, the file's values: code * step + min
+// per element for int4 (a multiply then an add, as PyTorch's ops and inhouse.model.quant.int4_rows
+// compute it), code * step for int8 (ggml's Q8_0): `put(g, f0, f1)` receives group g's columns 0-15
+// and 16-31.
+template <Fmt F, typename Put>
+inline void row_values(const uint8_t* w, const uint16_t* steps, const uint16_t* mins, int64_t K, const Put& put) {
   using namespace simd;
-  constexpr int NB = R == 1 ? 1 : kPassRows;  // one row at a time is memory-bound: a pair only adds overhead
-  constexpr int S = R > 2 ? 1 : 2;
+  static_assert(F != Fmt::int8_rows, "rows with one scale have no group values");
   const int64_t G = K / kGroup;
-  vq lanes[16][R];
-  for (int64_t n = n0; n < n1; n += NB) {
-    const int8_t* wr[NB];
-    for (int j = 0; j < NB; ++j) wr[j] = w + std::min(n + j, n1 - 1) * K;
-    vq acc[NB][R];
-    for (int j = 0; j < NB; ++j)
-      for (int r = 0; r < R; ++r) acc[j][r] = q_zero();
-    for (int64_t g0 = 0; g0 < G;) {
-      const int P = block_groups(G, g0);
-      const int8_t* wb[NB];
-      for (int j = 0; j < NB; ++j) {
-        wb[j] = wr[j] + g0 * kGroup;
-        for (int off = 0; off < P * 32; off += 64) _mm_prefetch(reinterpret_cast<const char*>(wb[j] + off + kPrefetch), _MM_HINT_T0);
+  alignas(64) int16_t codes[kLanes * kGroup];
+  for (int64_t g0 = 0; g0 < G;) {
+    const int P = block_groups(G, g0);
+    block_codes<F>(w, g0, P, codes);
+    for (int i = 0; i < P; ++i) {
+      const int64_t g = g0 + i;
+      const vf st = set1(_cvtsh_ss(steps[g]));
+      const vf f0 = mul(to_float(i16_to_i32(codes + i * kGroup)), st), f1 = mul(to_float(i16_to_i32(codes + i * kGroup + 16)), st);
+      if constexpr (F == Fmt::int4) {
+        const vf mn = set1(_cvtsh_ss(mins[g]));
+        put(g, add(f0, mn), add(f1, mn));
+      } else {
+        put(g, f0, f1);
       }
-      vd d[NB][R];
-      with_block(P, [&](auto p) { int8_block<R, NB, S, decltype(p)::value>(wb, xq + (g0 * M + m * P) * kGroup, d); });
-      for (int r = 0; r < R; ++r) {
-        const vq xv = spread(load_lanes_n(xs + r * G16 + g0, P), P);
-        for (int j = 0; j < NB; ++j) acc[j][r] = q_fmadd(dot_float(d[j][r]), xv, acc[j][r]);
-      }
-      g0 += P;
     }
-    for (int j = 0; j < NB && n + j < n1; ++j)
-      for (int r = 0; r < R; ++r) lanes[n + j - n0][r] = acc[j][r];
+    g0 += P;
   }
-  reduce_outputs<R>(lanes, n1 - n0, row_scales + n0, out + n0, ldo);
 }
 
+// Row n of W (int4 or int8_groups) in fp32, the file's values: out (K floats).
+inline void weight_row(const Weights& W, int64_t n, int64_t K, float* out) {
+  const int64_t G = K / kGroup;
+  auto put = [&](int64_t g, simd::vf f0, simd::vf f1) {
+    simd::store(out + g * kGroup, f0);
+    simd::store(out + g * kGroup + 16, f1);
+  };
+  if (W.fmt == Fmt::int4) row_values<Fmt::int4>(W.w + n * (K / 2), W.steps + n * G, W.mins + n * G, K, put);
+  else row_values<Fmt::int8_groups>(W.w + n * K, W.steps + n * G, nullptr, K, put);
+}
 
 }  // namespace inhouse_kernels

@@ -10,8 +10,8 @@ recomputed from the projection's exact rows. The same call runs prompt chunks as
 (`FusedDecode.rows`); long prompts run the eager model (large matmuls).
 
 It applies to models whose linears are all the native `Int4Linear`/`Int8Linear` and whose output
-is a `RescoredOutput` over a native int8 or 4-bit pass, and whose embedding is bf16 or 4-bit
-(`Int4Embedding`): the default for GGUF files on CPUs with AVX-512 VNNI or AVX2, and ``quantize``
+is a `RescoredOutput` over a native int8 or 4-bit pass, and whose embedding is bf16 or the file's
+4-bit or int8 rows (`Int4Embedding`, `Int8Embedding`): the default for GGUF files on CPUs with AVX-512 VNNI or AVX2, and ``quantize``
 int4/int8 there; `fused_decode_unsupported` says why another model cannot use it. When a layer
 is swapped afterwards (LoRA adapters), calls go to the fallback (the eager or compiled model).
 """
@@ -26,7 +26,7 @@ import torch
 from torch import nn
 
 from inhouse.model.kv_cache import KVCache
-from inhouse.model.quant import Int4Embedding, Int4Linear, Int8Linear, RescoredOutput
+from inhouse.model.quant import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, RescoredOutput
 from inhouse.model.transformer import RMSNorm, Transformer
 
 logger = logging.getLogger("inhouse.model")
@@ -41,7 +41,7 @@ def _linear_tensors(m: nn.Module) -> list[torch.Tensor]:
     # even if the module's tensors are later pointed elsewhere (`inhouse.model.arena`)
     if isinstance(m, Int4Linear):
         return [m.weight_q4.detach(), m.steps.detach(), m.mins.detach()]
-    return [m.weight_int8.detach(), m.scales.detach(), m.scales.detach()]  # int8: the third is unused
+    return [m.weight_int8.detach(), m.scales.detach(), m.scales.detach()]  # int8 (row scales or group steps): the third is unused
 
 
 def fused_decode_unsupported(model: nn.Module) -> Optional[str]:
@@ -57,10 +57,10 @@ def fused_decode_unsupported(model: nn.Module) -> Optional[str]:
     out = model.output
     if not (isinstance(out, RescoredOutput) and type(out.approx) in (Int4Linear, Int8Linear) and out.approx.native
             and (out.rows is None or out.rows.dtype == torch.bfloat16)):
-        return "its output projection is not a native int8 pass with bf16 rows or a native 4-bit one"
+        return "its output projection is not a native int8 pass with bf16 rows or a native one of the file's own rows"
     emb = model.tok_embeddings
-    if not (type(emb) is Int4Embedding or emb.weight.dtype == torch.bfloat16):
-        return "its embedding is neither bf16 nor 4-bit"
+    if not (type(emb) in (Int4Embedding, Int8Embedding) or emb.weight.dtype == torch.bfloat16):
+        return "its embedding is neither bf16 nor the file's 4-bit or int8 rows"
     args = model.args
     if args.head_dim % 16 or args.dim % 64 or (args.n_heads * args.head_dim) % 64 or args.hidden_dim % 64:
         return "its sizes are not multiples of 64 (head_dim of 16)"
@@ -103,10 +103,12 @@ class FusedDecode:
         out, emb = model.output, model.tok_embeddings
         if type(emb) is Int4Embedding:
             table = [emb.weight_q4.detach(), emb.steps.detach(), emb.mins.detach()]
+        elif type(emb) is Int8Embedding:
+            table = [emb.weight_int8.detach(), emb.scales.detach(), emb.scales.detach()]  # the third is unused
         else:
             table = [emb.weight.detach()]
         projection = _linear_tensors(out.approx)
-        if out.rows is not None:  # the int8 pass's exact rows; a 4-bit pass recomputes from its own
+        if out.rows is not None:  # the int8 pass's exact rows; a pass of the file's rows recomputes from its own
             projection[2] = out.rows.detach()
         self._decoder = torch.classes.inhouse.FusedDecoder(
             args.n_heads, args.n_kv_heads, args.head_dim, float(args.norm_eps), model.norm.weight.detach(),

@@ -3,7 +3,8 @@
 Decoding one token reads every weight once, so on a CPU its speed is memory bandwidth divided
 by the bytes of the weights. Two layouts:
 
-* `Int8Linear`: symmetric int8, one scale per output row.
+* `Int8Linear`: symmetric int8, one scale per output row; or, for a GGUF Q8_0 matrix taken as it
+  is (`Int8Codes`), one fp16 step per group of 32 along the input (exact to the file).
 * `Int4Linear`: 4-bit codes in groups of 32 along the input, ``w = code * step + min`` per group.
   GGUF Q4_0/Q4_1 blocks are groups of 32 with one scale and one offset, so a Q4_1 matrix is
   re-laid out *exactly* (its block minimum and maximum land on codes 0 and 15).
@@ -163,8 +164,42 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+class Int8Codes:
+    """An int8 matrix with one step per group of 32 along the input: ``w[n, k] = codes[n, k] *
+    steps[n, k // 32]``. What a loader hands `quantize_tensor` for a GGUF Q8_0 matrix, so that it
+    becomes an `Int8Linear` (group form) exactly, without a round trip through fp32.
+
+    Args:
+        codes: (N, K) int8.
+        steps: (N, K/32), any float dtype (fp16 from GGUF).
+    """
+
+    def __init__(self, codes: torch.Tensor, steps: torch.Tensor):
+        n, k = codes.shape
+        if k % INT4_GROUP or steps.shape != (n, k // INT4_GROUP):
+            raise QuantizeError(f"Int8Codes: codes {tuple(codes.shape)} need steps of shape ({n}, {k // INT4_GROUP}), "
+                                f"got {tuple(steps.shape)}")
+        self.codes, self.steps = codes, steps
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.codes.shape
+
+    def numel(self) -> int:
+        return self.codes.numel()
+
+    def dense(self) -> torch.Tensor:
+        """The (N, K) fp32 values (each ``code * step`` in fp32, as ggml's dequantization)."""
+        n, k = self.codes.shape
+        return (self.codes.view(n, -1, INT4_GROUP).float() * self.steps.float()[..., None]).view(n, k)
+
+
 class Int8Linear(nn.Module):
     """``y = x @ (q * scale).T`` with int8 `q` (N, K) and one `scale` per output row (N,); no bias.
+
+    The group form (``groups=True``, built by `from_codes` from a GGUF Q8_0 matrix) has one fp16
+    step per group of 32 inputs instead, ``scales`` (N, K/32): the file's values exactly. It needs
+    the native kernel.
 
     With the native kernel (``native``: AVX-512 VNNI or AVX2, K a multiple of 64) `weight_int8` is in
     the kernels' column order (`native_order`), the scales are fp32, and decode rows and prompt chunks of up to `small_batch` rows run ``torch.ops.inhouse.int8_mm`` (activations as int16
@@ -177,16 +212,21 @@ class Int8Linear(nn.Module):
         out_features: N.
         device: where the (zero) buffers are allocated; use `from_weight` to fill them.
         native: use the native kernel (None: wherever it is available).
+        groups: one step per group of 32 inputs (fp16) instead of one scale per row.
     """
 
     def __init__(self, in_features: int, out_features: int, device: Optional[torch.device] = None,
-                 native: Optional[bool] = None):
+                 native: Optional[bool] = None, groups: bool = False):
         super().__init__()
-        self.in_features, self.out_features = in_features, out_features
-        self.native = _native_choice(native, in_features)
+        self.in_features, self.out_features, self.groups = in_features, out_features, groups
+        self.native = _native_choice(True if groups else native, in_features)
         self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32 if self.native else torch.bfloat16,
-                                                  device=device))
+        if groups:
+            self.register_buffer("scales", torch.ones(out_features, in_features // INT4_GROUP, dtype=torch.float16,
+                                                      device=device))
+        else:
+            self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32 if self.native else torch.bfloat16,
+                                                      device=device))
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, native: Optional[bool] = None) -> "Int8Linear":
@@ -199,10 +239,41 @@ class Int8Linear(nn.Module):
         m.weight_int8, m.scales = q, scale.to(m.scales.dtype)
         return m
 
+    @classmethod
+    def from_codes(cls, codes: Int8Codes) -> "Int8Linear":
+        """The group form of a matrix given as `Int8Codes` (a GGUF Q8_0 matrix), exactly.
+
+        Raises:
+            QuantizeError: the native kernel cannot take it here (see `native_kernel_fits`).
+        """
+        n, k = codes.shape
+        m = cls(k, n, device=torch.device("meta"), groups=True)
+        m.weight_int8 = codes.codes[:, native_order(k)[0]].contiguous()
+        m.scales = codes.steps.to(torch.float16).contiguous()
+        return m
+
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The (N, K) matrix the module multiplies by, in `dtype`."""
         q = self.weight_int8[:, native_order(self.in_features)[1]] if self.native else self.weight_int8
+        if self.groups:  # code * step in fp32 (the file's values), rounded once to `dtype`
+            n, k = q.shape
+            out = torch.empty(n, k, dtype=dtype, device=q.device)
+            for i in range(0, n, 4096):  # in row blocks: no fp32 copy of a whole vocabulary
+                qi = q[i:i + 4096]
+                out[i:i + 4096] = (qi.view(qi.shape[0], -1, INT4_GROUP).float() * self.scales[i:i + 4096].float()[..., None]
+                                   ).view(qi.shape)
+            return out
         return q.to(dtype) * self.scales.to(dtype)[:, None]
+
+    def dequantized_rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` ((n,) int64) of the matrix in fp32 (exactly, for the group form), without
+        expanding the rest."""
+        q = self.weight_int8[idx]
+        if self.native:
+            q = q[:, native_order(self.in_features)[1]]
+        if self.groups:
+            return (q.view(idx.numel(), -1, INT4_GROUP).float() * self.scales[idx].float()[..., None]).view(q.shape)
+        return q.float() * self.scales[idx].float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         shape = x.shape
@@ -219,7 +290,9 @@ class Int8Linear(nn.Module):
 
     def extra_repr(self) -> str:
         kernel = "native" if self.native else "torch"
-        return f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only, {kernel} kernel"
+        scales = f"a step per group of {INT4_GROUP}" if self.groups else "a scale per row"
+        return (f"in_features={self.in_features}, out_features={self.out_features}, int8 weight-only ({scales}), "
+                f"{kernel} kernel")
 
 
 INT4PACK_BLOCKS_N = (64, 32)  # output rows per block of PyTorch's int4 packed layout: its AVX-512 and AVX2 kernels
@@ -487,6 +560,57 @@ class Int4Embedding(nn.Module):
         return f"{self.num_embeddings}, {self.embedding_dim}, int4 rows (group {INT4_GROUP}), for a {self.dtype} model"
 
 
+class Int8Embedding(nn.Module):
+    """The token embedding kept as the file's int8 rows with a step per group of 32 (a GGUF Q8_0
+    ``token_embd``): a lookup dequantizes just the rows it reads, exactly (fp32, the file's values).
+
+    When the output projection is tied to the embedding, both read one matrix: the buffers here are
+    the output's group-form `Int8Linear`'s own (`RescoredOutput` then recomputes its top logits
+    from the same rows). On SmolLM2-135M that is 30 MB, as in the file, where a bf16 table and a
+    per-row int8 projection took 85 MB.
+
+    Args:
+        num_embeddings, embedding_dim: V and D (D a multiple of 64: the native layout).
+        dtype: what the model's unquantized parameters and its KV cache are in (`Transformer.dtype`);
+            lookups return fp32, which the residual stream of a quantized model is.
+        device: where the (zero) buffers are allocated; `from_linear` shares an `Int8Linear`'s.
+    """
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.bfloat16,
+                 device: Optional[torch.device] = None):
+        super().__init__()
+        if embedding_dim % 64:
+            raise QuantizeError(f"an int8 embedding needs a dimension divisible by 64, got {embedding_dim}")
+        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+        self.register_buffer("weight_int8", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.zeros(num_embeddings, embedding_dim // INT4_GROUP, dtype=torch.float16,
+                                                   device=device))
+
+    @classmethod
+    def from_linear(cls, table: "Int8Linear", dtype: torch.dtype) -> "Int8Embedding":
+        """The embedding whose rows are `table`'s (a group-form `Int8Linear`, (V, D)): no copy."""
+        if not table.groups:
+            raise QuantizeError("an int8 embedding needs the group form of Int8Linear")
+        m = cls(table.out_features, table.in_features, dtype, device=torch.device("meta"))
+        m.weight_int8, m.scales = table.weight_int8, table.scales
+        return m
+
+    @property
+    def device(self) -> torch.device:
+        return self.weight_int8.device
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(..., D) fp32 rows of `tokens` (...) int64."""
+        idx = tokens.reshape(-1)
+        q = self.weight_int8[idx][:, native_order(self.embedding_dim)[1]]
+        rows = q.view(idx.numel(), -1, INT4_GROUP).float() * self.scales[idx].float()[..., None]
+        return rows.view(*tokens.shape, self.embedding_dim)
+
+    def extra_repr(self) -> str:
+        return (f"{self.num_embeddings}, {self.embedding_dim}, int8 rows (a step per group of {INT4_GROUP}), "
+                f"for a {self.dtype} model")
+
+
 def _native_choice(native: Optional[bool], in_features: int) -> bool:
     if native is None:
         return native_kernel_fits(in_features)
@@ -519,20 +643,23 @@ class RescoredOutput(nn.Module):
 
     * `approx` an `Int8Linear` of a projection held at higher precision, `rows` its (V, D) weight
       (bf16; the embedding table when tied: no extra memory), read for the recomputation;
-    * `approx` an `Int4Linear` holding the file's own 4-bit rows (a GGUF Q4_0/Q4_1 projection or
-      tied embedding), `rows` None: the pass reads those rows and the recomputation dequantizes the
-      `k` best of them (`Int4Linear.dequantized_rows`), so the top logits are exact to the file.
+    * `approx` an `Int4Linear` or a group-form `Int8Linear` holding the file's own rows (a GGUF
+      Q4_0/Q4_1/Q8_0 projection or tied embedding), `rows` None: the pass reads those rows and the
+      recomputation dequantizes the `k` best of them (``dequantized_rows``), so the top logits are
+      exact to the file.
 
     Args:
         approx: the quantized pass.
-        rows: (V, D) the projection's weight for the recomputation, or None with an `Int4Linear`.
+        rows: (V, D) the projection's weight for the recomputation, or None with an `Int4Linear`
+            or a group-form `Int8Linear`.
         k: how many logits per row are recomputed.
     """
 
     def __init__(self, approx: Union[Int8Linear, Int4Linear], rows: Optional[nn.Parameter], k: int = 32):
         super().__init__()
-        if rows is None and not isinstance(approx, Int4Linear):
-            raise QuantizeError("RescoredOutput needs the projection's rows unless its pass is an Int4Linear")
+        if rows is None and not (isinstance(approx, Int4Linear) or approx.groups):
+            raise QuantizeError("RescoredOutput needs the projection's rows unless its pass holds the file's own "
+                                "(an Int4Linear or a group-form Int8Linear)")
         self.approx, self.k = approx, k
         self.in_features, self.out_features = approx.in_features, approx.out_features
         self.rows = rows  # (V, D) Parameter, the embedding's own when tied (not a second copy); or None
@@ -555,7 +682,7 @@ class RescoredOutput(nn.Module):
         return logits.view(*shape[:-1], self.out_features)
 
     def extra_repr(self) -> str:
-        kind = "int8" if isinstance(self.approx, Int8Linear) else "int4"
+        kind = ("int8 (group steps)" if self.approx.groups else "int8") if isinstance(self.approx, Int8Linear) else "int4"
         return f"in_features={self.in_features}, out_features={self.out_features}, {kind} + exact top-{self.k}"
 
 
@@ -581,19 +708,21 @@ def quantize_tensor(model: nn.Module, name: str, value: Union[torch.Tensor, Int4
     a whole (peak memory = quantized weights + one fp32 tensor). What each parameter becomes:
 
     * a linear's weight (attention, feed-forward): that linear becomes an `Int8Linear` /
-      `Int4Linear` built from `value`;
+      `Int4Linear` built from `value` (in int8 mode, `Int8Codes` become the exact group form);
     * the output projection (its own weight, or the embedding when tied): a `RescoredOutput`,
       an int8 pass built from `value` plus the projection's rows in `dtype`; given as `Int4Codes`
-      in int4 mode (and where the native kernels run), the 4-bit rows themselves, taken as they
-      are, and the embedding an `Int4Embedding` reading the same rows;
+      in int4 mode, or as `Int8Codes` (a Q8_0 table) in either mode, where the native kernels run:
+      the file's rows themselves, taken as they are, and the embedding an `Int4Embedding` /
+      `Int8Embedding` reading the same rows;
     * norm weights: fp32 (they set the residual stream's dtype: fp32, see `Transformer.forward`);
     * anything else (the embedding): `value` cast to `dtype` (None: as given).
 
     Args:
         model: the model (parameters may still be on the meta device).
         name: the parameter's name in Meta's naming (``layers.0.attention.wq.weight``).
-        value: the full-precision tensor (fp32 keeps GGUF 4-bit grids exact), or a 4-bit matrix as
-            `Int4Codes` (in int4 mode a linear's weight is taken as it is; otherwise it is expanded).
+        value: the full-precision tensor (fp32 keeps GGUF 4-bit grids exact), or a GGUF matrix as
+            `Int4Codes` / `Int8Codes` (taken as it is where the mode and the kernels allow; otherwise
+            it is expanded).
         mode: "int8" or "int4".
         dtype: dtype of the parameters left unquantized.
 
@@ -612,7 +741,16 @@ def quantize_tensor(model: nn.Module, name: str, value: Union[torch.Tensor, Int4
             _set(model, module_name, Int4Linear.from_codes(value))
             return
         if mode == "int4" and name in ("tok_embeddings.weight", "output.weight") and \
-                _int4_vocabulary(model, name, value, tied_embedding, dtype):
+                _file_vocabulary(model, name, value, tied_embedding, dtype):
+            return
+        value = value.dense()
+    elif isinstance(value, Int8Codes):
+        fits = native_kernel_fits(value.shape[1])
+        if fits and mode == "int8" and type(module) is nn.Linear and leaf == "weight" and module.bias is None \
+                and module_name != "output":
+            _set(model, module_name, Int8Linear.from_codes(value))
+            return
+        if name in ("tok_embeddings.weight", "output.weight") and _file_vocabulary(model, name, value, tied_embedding, dtype):
             return
         value = value.dense()
     def own(to: Optional[torch.dtype]) -> nn.Parameter:
@@ -635,16 +773,20 @@ def quantize_tensor(model: nn.Module, name: str, value: Union[torch.Tensor, Int4
         _set(model, name, own(torch.float32 if _is_norm(name) else dtype))
 
 
-def _int4_vocabulary(model: nn.Module, name: str, value: Int4Codes, tied: bool, dtype: Optional[torch.dtype]) -> bool:
-    """The embedding (`Int4Embedding`) and/or the output projection (`RescoredOutput` over an
-    `Int4Linear`) kept as the file's 4-bit rows; False where the native kernels cannot take them."""
+def _file_vocabulary(model: nn.Module, name: str, value: Union[Int4Codes, Int8Codes], tied: bool,
+                     dtype: Optional[torch.dtype]) -> bool:
+    """The embedding (`Int4Embedding` / `Int8Embedding`) and/or the output projection
+    (`RescoredOutput` over an `Int4Linear` / a group-form `Int8Linear`) kept as the file's own rows;
+    False where the native kernels cannot take them."""
     if not native_kernel_fits(value.shape[1]):
         return False
-    table = Int4Linear.from_codes(value, native=True)
+    four = isinstance(value, Int4Codes)
+    table = Int4Linear.from_codes(value, native=True) if four else Int8Linear.from_codes(value)
     if name == "output.weight" or tied:
         model.output = RescoredOutput(table, None)
     if name == "tok_embeddings.weight":
-        model.tok_embeddings = Int4Embedding.from_linear(table, dtype or torch.float32)
+        embedding = Int4Embedding if four else Int8Embedding
+        model.tok_embeddings = embedding.from_linear(table, dtype or torch.float32)
     return True
 
 
@@ -685,5 +827,5 @@ def quantized_mode(model: nn.Module) -> str:
     return "none"
 
 
-__all__ = ["QUANTIZE_MODES", "QuantizeError", "Int8Linear", "Int4Codes", "Int4Embedding", "Int4Linear", "RescoredOutput", "quantize_int8", "quantize_model", "quantize_tensor",
-           "quantized_mode"]
+__all__ = ["QUANTIZE_MODES", "QuantizeError", "Int8Codes", "Int8Embedding", "Int8Linear", "Int4Codes", "Int4Embedding",
+           "Int4Linear", "RescoredOutput", "quantize_int8", "quantize_model", "quantize_tensor", "quantized_mode"]

@@ -30,7 +30,7 @@ import numpy as np
 import torch
 
 from inhouse.util import gc_paused
-from inhouse.weights.quants import GGML_BLOCK_SIZES, GGML_TYPE_NAMES, Q4_TYPES, SUPPORTED_TYPES, dequantize, q4_codes
+from inhouse.weights.quants import GGML_BLOCK_SIZES, GGML_TYPE_NAMES, Q4_TYPES, Q8_0, SUPPORTED_TYPES, dequantize, q4_codes, q8_codes
 
 __all__ = ["GGUFError", "GGUFTensorInfo", "GGUFFile", "read_gguf"]
 
@@ -383,6 +383,13 @@ class GGUFFile:
         if info.ggml_type not in Q4_TYPES or len(info.shape) != 2:
             return None
         return q4_codes(self.raw(name), info.ggml_type, *info.shape)
+
+    def int8_codes(self, name: str) -> Optional[tuple[torch.Tensor, torch.Tensor]]:
+        """A Q8_0 matrix's codes and steps (`quants.q8_codes`); None for other tensors."""
+        info = self._info(name)
+        if info.ggml_type != Q8_0 or len(info.shape) != 2:
+            return None
+        return q8_codes(self.raw(name), *info.shape)
 
     def tensor(self, name: str, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Tensor ``name`` decoded to ``dtype`` and shaped ``info.shape``.

@@ -18,7 +18,7 @@ import torch
 from torch import nn
 
 from inhouse.config import ConfigError, ModelArgs
-from inhouse.model.quant import Int4Codes, quantize_tensor
+from inhouse.model.quant import Int4Codes, Int8Codes, quantize_tensor
 from inhouse.model.transformer import Transformer, rope_inv_freq
 from inhouse.weights import hf, meta
 from inhouse.weights.gguf import GGUFError, read_gguf
@@ -189,8 +189,8 @@ def inspect_checkpoint(path: Union[str, os.PathLike]) -> CheckpointInfo:
 
 
 # --------------------------------------------------------------------------- tensors
-def _iter_gguf(path: str, dtype: torch.dtype, opened=None, int4_codes: bool = False
-               ) -> Iterator[tuple[str, Union[torch.Tensor, Int4Codes], str]]:
+def _iter_gguf(path: str, dtype: torch.dtype, opened=None, int4_codes: bool = False, int8_codes: bool = False
+               ) -> Iterator[tuple[str, Union[torch.Tensor, Int4Codes, Int8Codes], str]]:
     with opened or _open_gguf(path) as f:
         for name in f.tensors:
             target = remap(name, GGUF_TO_META, path)
@@ -201,23 +201,27 @@ def _iter_gguf(path: str, dtype: torch.dtype, opened=None, int4_codes: bool = Fa
                 if codes is not None:  # a Q4_0/Q4_1 matrix, handed over as its codes (no fp32 round trip)
                     yield target, Int4Codes(*codes), path
                     continue
+                codes8 = f.int8_codes(name) if int8_codes else None
+                if codes8 is not None:  # a Q8_0 matrix, likewise
+                    yield target, Int8Codes(*codes8), path
+                    continue
                 t = f.tensor(name, dtype=torch.float32 if target == ROPE_FREQS else dtype)
             except GGUFError as e:
                 raise WeightsError(str(e)) from e
-            except ValueError as e:  # q4_codes: a size that does not match the shape
+            except ValueError as e:  # q4_codes/q8_codes: a size that does not match the shape
                 raise WeightsError(f"{path}: tensor {name!r}: {e}") from e
             yield target, t, path  # views of the map keep it alive after close()
 
 
-def _iter_checkpoint(info: CheckpointInfo, dtype: torch.dtype, int4_codes: bool = False
-                     ) -> Iterator[tuple[str, Union[torch.Tensor, Int4Codes], str]]:
+def _iter_checkpoint(info: CheckpointInfo, dtype: torch.dtype, int4_codes: bool = False, int8_codes: bool = False
+                     ) -> Iterator[tuple[str, Union[torch.Tensor, Int4Codes, Int8Codes], str]]:
     if info.format == "meta":
         return meta.iter_tensors(meta.open_shards(_root(info.path)))
     if info.format == "hf":
         return hf.iter_tensors(hf.weight_files(_root(info.path)), info.args)
     if info.format == "gguf":
         opened, info.gguf_file = info.gguf_file, None
-        return _iter_gguf(info.path, dtype, opened, int4_codes)
+        return _iter_gguf(info.path, dtype, opened, int4_codes, int8_codes)
     raise WeightsError(f"{info.path}: format {info.format!r} has no tensors to read")
 
 
@@ -259,7 +263,8 @@ def _finish(model: Transformer, device: torch.device, rope_freqs: Optional[torch
     model.eval()
 
 
-def _assign_all(model: Transformer, tensors: Iterator[tuple[str, Union[torch.Tensor, Int4Codes], str]], info: CheckpointInfo,
+def _assign_all(model: Transformer, tensors: Iterator[tuple[str, Union[torch.Tensor, Int4Codes, Int8Codes], str]],
+                info: CheckpointInfo,
                 dtype: torch.dtype, device: torch.device, quantize: str = "none") -> None:
     args = model.args
     params = dict(model.named_parameters())  # tied output.weight is not listed separately
@@ -281,7 +286,7 @@ def _assign_all(model: Transformer, tensors: Iterator[tuple[str, Union[torch.Ten
         if tuple(t.shape) != want:
             raise WeightsError(f"{src}: tensor {name!r} has shape {tuple(t.shape)}, "
                                f"but the model config needs {want}")
-        if isinstance(t, Int4Codes):
+        if isinstance(t, (Int4Codes, Int8Codes)):
             if quantize == "none" or device.type != "cpu":
                 t = t.dense()  # what dequantizing the blocks gives, bit for bit
         elif not t.is_floating_point():
@@ -289,8 +294,8 @@ def _assign_all(model: Transformer, tensors: Iterator[tuple[str, Union[torch.Ten
         if quantize == "none":
             _set_parameter(model, name, t.to(device=device, dtype=dtype))
         else:  # quantized as it arrives: the model never exists in fp32 as a whole
-            quantize_tensor(model, name, t if isinstance(t, Int4Codes) else t.to(device=device, dtype=torch.float32),
-                            quantize, dtype)
+            value = t if isinstance(t, (Int4Codes, Int8Codes)) else t.to(device=device, dtype=torch.float32)
+            quantize_tensor(model, name, value, quantize, dtype)
         done.add(name)
         progress.step(t.numel() * itemsize)
     missing = [n for n in params if n not in done]
@@ -350,7 +355,8 @@ def load_model(
                 args.n_layers, args.dim, str(dtype).removeprefix("torch."))
     with torch.device("meta"):
         model = Transformer(args)
-    tensors = _iter_checkpoint(info, torch.float32 if quantize != "none" else dtype, int4_codes=quantize == "int4")
+    tensors = _iter_checkpoint(info, torch.float32 if quantize != "none" else dtype, int4_codes=quantize == "int4",
+                               int8_codes=quantize != "none")
     _assign_all(model, tensors, info, dtype, device, quantize)
     return model, info
 

@@ -41,7 +41,7 @@ from torch import nn
 
 from inhouse.config import ModelArgs, RopeScaling
 from inhouse.model.arena import aligned, huge_page_block
-from inhouse.model.quant import Int4Embedding, Int4Linear, Int8Linear, RescoredOutput, _set
+from inhouse.model.quant import Int4Embedding, Int4Linear, Int8Embedding, Int8Linear, RescoredOutput, _set
 from inhouse.model.transformer import Transformer
 from inhouse.tokenizer.hf import HFTokenizer
 
@@ -51,7 +51,7 @@ FORMAT = 1
 MAX_ENTRIES = 4
 MAX_BYTES = 8 << 30
 _MODULE_CLASSES = {"Int4Linear": Int4Linear, "Int8Linear": Int8Linear, "RescoredOutput": RescoredOutput,
-                   "Int4Embedding": Int4Embedding}
+                   "Int4Embedding": Int4Embedding, "Int8Embedding": Int8Embedding}
 # The code whose output an entry holds: a change to any of these files makes every key new.
 _CODE = ("config.py", "weights/gguf.py", "weights/quants.py", "weights/loader.py", "weights/names.py",
          "weights/prepared.py", "model/quant.py", "model/transformer.py", "model/arena.py", "tokenizer/hf.py")
@@ -107,12 +107,14 @@ def entry_key(path: str, dtype: Any, quantize: Any) -> Optional[str]:
 
 # --------------------------------------------------------------------------- saving
 def _module_spec(m: nn.Module) -> Optional[dict[str, Any]]:
-    if type(m) in (Int4Linear, Int8Linear):
-        return {"class": type(m).__name__, "in": m.in_features, "out": m.out_features}
+    if type(m) is Int4Linear:
+        return {"class": "Int4Linear", "in": m.in_features, "out": m.out_features}
+    if type(m) is Int8Linear:
+        return {"class": "Int8Linear", "in": m.in_features, "out": m.out_features, "groups": m.groups}
     if type(m) is RescoredOutput:
         return {"class": "RescoredOutput", "k": m.k, "rows": m.rows is not None}
-    if type(m) is Int4Embedding:
-        return {"class": "Int4Embedding", "in": m.embedding_dim, "out": m.num_embeddings,
+    if type(m) in (Int4Embedding, Int8Embedding):
+        return {"class": type(m).__name__, "in": m.embedding_dim, "out": m.num_embeddings,
                 "dtype": str(m.dtype).removeprefix("torch.")}
     return None
 
@@ -259,8 +261,10 @@ def _build(manifest: dict[str, Any], block: torch.Tensor) -> Transformer:
         if cls is RescoredOutput:  # its parts are set below (approx is an entry of its own)
             rows = nn.Parameter(torch.empty(0, device="meta"), requires_grad=False) if spec["rows"] else None
             m = RescoredOutput(Int4Linear(64, 1, device=torch.device("meta"), native=False), rows, spec["k"])
-        elif cls is Int4Embedding:
-            m = Int4Embedding(spec["out"], spec["in"], _DTYPES[spec["dtype"]], device=torch.device("meta"))
+        elif cls in (Int4Embedding, Int8Embedding):
+            m = cls(spec["out"], spec["in"], _DTYPES[spec["dtype"]], device=torch.device("meta"))
+        elif cls is Int8Linear:
+            m = cls(spec["in"], spec["out"], device=torch.device("meta"), native=True, groups=spec.get("groups", False))
         else:
             m = cls(spec["in"], spec["out"], device=torch.device("meta"), native=True)
         _set(model, name, m)

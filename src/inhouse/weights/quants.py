@@ -17,7 +17,8 @@ from typing import Callable
 import numpy as np
 import torch
 
-__all__ = ["GGML_TYPE_NAMES", "GGML_BLOCK_SIZES", "SUPPORTED_TYPES", "Q4_TYPES", "dequantize", "q4_codes", "type_name"]
+__all__ = ["GGML_TYPE_NAMES", "GGML_BLOCK_SIZES", "SUPPORTED_TYPES", "Q4_TYPES", "Q8_0", "dequantize", "q4_codes", "q8_codes",
+           "type_name"]
 
 QK_K = 256  # values per block of the "k-quants" (Q2_K .. Q8_K)
 
@@ -257,6 +258,32 @@ def q4_codes(raw: np.ndarray, ggml_type: int, rows: int, cols: int) -> tuple[tor
     else:
         mins = steps * -8
     return codes, steps, mins
+
+
+Q8_0 = 8  # int8 codes with one fp16 step per 32 values
+
+
+def q8_codes(raw: np.ndarray, rows: int, cols: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """The codes of a Q8_0 matrix, without dequantizing it: value ``j`` of a block is ``code * d``
+    (in fp32, as :func:`dequantize` computes it).
+
+    Args:
+        raw: the tensor's bytes (see :func:`dequantize`).
+        rows, cols: the matrix shape; blocks run along `cols` (a multiple of 32).
+
+    Returns:
+        ``(codes, steps)``: (rows, cols) int8 and (rows, cols / 32) fp16.
+
+    Raises:
+        ValueError: a size that does not match.
+    """
+    block_size, type_size = GGML_BLOCK_SIZES[Q8_0]
+    if cols % block_size or np.asarray(raw).size != rows * cols // block_size * type_size:
+        raise ValueError(f"q8_codes: {rows} x {cols} Q8_0 values do not match {np.asarray(raw).size} bytes")
+    blocks = _as_tensor(np.asarray(raw)).view(-1, type_size)  # (n, 34): d f16 | qs i8[32]
+    codes = blocks[:, 2:].contiguous().view(torch.int8).view(rows, cols)
+    steps = blocks[:, 0:2].contiguous().view(torch.float16).view(rows, cols // block_size)
+    return codes, steps
 
 
 def type_name(ggml_type: int) -> str:
