@@ -139,26 +139,9 @@ inline void rope(float* x, const float* cs, const float* sn, int64_t hd) {
   }
 }
 
-// One query head over S cached positions (bf16 keys/values, rows of hd = 16 NV): y = softmax(q.k * scale) v.
-// With NV known at compile time the query and the output stay in registers.
-template <int NV>
-void attend_head_nv(const float* q, const uint16_t* kc, const uint16_t* vc, int64_t S, int64_t hd, float scale,
-                    float* scores, float* y) {
+// scores[0..S) <- e^(scores - mx), in place; returns 1 / their sum (softmax's normalization).
+inline float exp_and_normalizer(float* scores, int64_t S, float mx) {
   using namespace simd;
-  const int nv = NV > 0 ? NV : static_cast<int>(hd / 16);
-  constexpr int kRegs = NV > 0 ? NV : 8;
-  vf qv[kRegs], acc[kRegs];
-  float mx = -std::numeric_limits<float>::infinity();
-  if (NV > 0) {
-    for (int j = 0; j < nv; ++j) qv[j] = load(q + 16 * j);
-  }
-  for (int64_t s = 0; s < S; ++s) {
-    const uint16_t* kr = kc + s * hd;
-    vf a = zero();
-    for (int j = 0; j < nv; ++j) a = fmadd(NV > 0 ? qv[j] : load(q + 16 * j), load_bf16(kr + 16 * j), a);
-    scores[s] = reduce_add(a) * scale;
-    mx = std::max(mx, scores[s]);
-  }
   const vf vmx = set1(mx);
   vf vsum = zero();
   int64_t s = 0;
@@ -172,17 +155,23 @@ void attend_head_nv(const float* q, const uint16_t* kc, const uint16_t* vc, int6
     store_n(scores + s, e, S - s);
     vsum = add(vsum, keep_n(e, S - s));
   }
-  const float inv = 1.0f / reduce_add(vsum);
-  if (NV > 0) {
-    for (int j = 0; j < nv; ++j) acc[j] = zero();
-    for (int64_t t = 0; t < S; ++t) {
-      const vf p = set1(scores[t] * inv);
-      const uint16_t* vr = vc + t * hd;
-      for (int j = 0; j < nv; ++j) acc[j] = fmadd(p, load_bf16(vr + 16 * j), acc[j]);
-    }
-    for (int j = 0; j < nv; ++j) store(y + 16 * j, acc[j]);
-    return;
+  return 1.0f / reduce_add(vsum);
+}
+
+// One query head over S cached positions (bf16 keys/values, rows of hd, a multiple of 16): y =
+// softmax(q.k * scale) v. For head widths `attend_heads` has no registers laid out for.
+void attend_head(const float* q, const uint16_t* kc, const uint16_t* vc, int64_t S, int64_t hd, float scale,
+                 float* scores, float* y) {
+  using namespace simd;
+  float mx = -std::numeric_limits<float>::infinity();
+  for (int64_t s = 0; s < S; ++s) {
+    const uint16_t* kr = kc + s * hd;
+    vf a = zero();
+    for (int64_t d = 0; d < hd; d += 16) a = fmadd(load(q + d), load_bf16(kr + d), a);
+    scores[s] = reduce_add(a) * scale;
+    mx = std::max(mx, scores[s]);
   }
+  const float inv = exp_and_normalizer(scores, S, mx);
   for (int64_t d = 0; d < hd; d += 16) store(y + d, zero());
   for (int64_t t = 0; t < S; ++t) {
     const vf p = set1(scores[t] * inv);
@@ -229,19 +218,7 @@ void attend_heads(const float* q, const uint16_t* kc, const uint16_t* vc, int64_
     for (; s + 16 <= S; s += 16) vmx = max(vmx, load(sc + s));
     float mx = reduce_max(vmx);
     for (; s < S; ++s) mx = std::max(mx, sc[s]);
-    vmx = set1(mx);
-    vf vsum = zero();
-    for (s = 0; s + 16 <= S; s += 16) {
-      const vf e = exp16(sub(load(sc + s), vmx));
-      store(sc + s, e);
-      vsum = add(vsum, e);
-    }
-    if (s < S) {
-      const vf e = exp16(sub(load_n(sc + s, S - s), vmx));
-      store_n(sc + s, e, S - s);
-      vsum = add(vsum, keep_n(e, S - s));
-    }
-    inv[h] = 1.0f / reduce_add(vsum);
+    inv[h] = exp_and_normalizer(sc, S, mx);
   }
   vf acc[NH][NV];
   for (int h = 0; h < NH; ++h)
@@ -263,7 +240,7 @@ void attend_heads(const float* q, const uint16_t* kc, const uint16_t* vc, int64_
 void attend_group(const float* q, int64_t G, const uint16_t* kc, const uint16_t* vc, int64_t S, int64_t hd, float scale,
                   float* scores, int64_t ls, float* y) {
   if (hd != 64 && hd != 128) {
-    for (int64_t h = 0; h < G; ++h) attend_head_nv<0>(q + h * hd, kc, vc, S, hd, scale, scores, y + h * hd);
+    for (int64_t h = 0; h < G; ++h) attend_head(q + h * hd, kc, vc, S, hd, scale, scores, y + h * hd);
     return;
   }
   const int64_t per = hd == 64 ? 4 : 2;
