@@ -33,6 +33,18 @@ def run_steps(step, model, ids, rows, n_rows=6):
     return torch.stack(out, 1), caches
 
 
+def fused_and_eager(model, ids, rows, n_rows=6):
+    """Logits of the fused step and of the eager model over `ids` (`run_steps`), checked as in
+    `test_fused_step_equals_the_eager_model`: the first position within 3e-4 of the largest logit,
+    later ones within 3e-3."""
+    eager, _ = run_steps(model, model, ids, rows, n_rows)
+    fused, _ = run_steps(FusedDecode(model), model, ids, rows, n_rows)
+    scale = eager.abs().max().item()
+    assert (fused[:, 0] - eager[:, 0]).abs().max().item() < 3e-4 * scale
+    assert (fused - eager).abs().max().item() < 3e-3 * scale
+    return fused, eager
+
+
 @pytest.mark.parametrize("mode", ["int4", "int8"])
 def test_fused_step_equals_the_eager_model(mode):
     model = quantized_tiny(mode)
@@ -220,12 +232,7 @@ def test_a_quantized_vocabulary_is_the_files_rows_and_runs_fused(vocabulary):
     assert ((got.double() - want).norm() / want.norm()).item() < 1e-4
     # the fused step reads the same rows
     assert fused_decode_unsupported(model) is None
-    rows = torch.tensor([1, 3])
-    eager, _ = run_steps(model, model, ids, rows)
-    fused, _ = run_steps(FusedDecode(model), model, ids, rows)
-    scale = eager.abs().max().item()
-    assert (fused[:, 0] - eager[:, 0]).abs().max().item() < 3e-4 * scale
-    assert (fused - eager).abs().max().item() < 3e-3 * scale
+    fused, eager = fused_and_eager(model, ids, torch.tensor([1, 3]))
     assert (fused.argmax(-1) == eager.argmax(-1)).float().mean().item() >= 0.95
 
 
@@ -247,12 +254,7 @@ def test_grouped_query_attention_reads_each_kv_head_once_for_its_queries(head_di
     model = quantize_model(model, "int4")
     assert fused_decode_unsupported(model) is None
     ids = torch.randint(0, 256, (2, 37), generator=torch.Generator().manual_seed(8))
-    rows = torch.tensor([1, 0])
-    eager, _ = run_steps(model, model, ids, rows, n_rows=2)
-    got, _ = run_steps(FusedDecode(model), model, ids, rows, n_rows=2)
-    scale = eager.abs().max().item()
-    assert (got[:, 0] - eager[:, 0]).abs().max().item() < 3e-4 * scale
-    assert (got - eager).abs().max().item() < 3e-3 * scale
+    fused_and_eager(model, ids, torch.tensor([1, 0]), n_rows=2)
 
 
 @torch.inference_mode()
@@ -282,12 +284,7 @@ def test_a_q8_0_file_in_int8_mode_keeps_every_matrix_as_it_is_and_runs_fused():
     assert type(model.tok_embeddings) is Int8Embedding
     assert fused_decode_unsupported(model) is None
     ids = torch.randint(0, args.vocab_size, (2, 10), generator=torch.Generator().manual_seed(5))
-    rows = torch.tensor([0, 2])
-    eager, _ = run_steps(model, model, ids, rows)
-    fused, _ = run_steps(FusedDecode(model), model, ids, rows)
-    scale = eager.abs().max().item()
-    assert (fused[:, 0] - eager[:, 0]).abs().max().item() < 3e-4 * scale
-    assert (fused - eager).abs().max().item() < 3e-3 * scale
+    fused_and_eager(model, ids, torch.tensor([0, 2]))
     # and the model reads the file's values: logits of the dense fp32 model, to the activations' rounding
     want = ref(ids)
     got = model(ids)

@@ -164,6 +164,13 @@ def quantize_int8(weight: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q, scale
 
 
+def int8_group_values(codes: torch.Tensor, steps: torch.Tensor) -> torch.Tensor:
+    """(N, K) int8 codes in column order and their (N, K/32) steps -> the (N, K) fp32 values, each
+    ``code * step`` in fp32 (ggml's Q8_0 dequantization)."""
+    n, k = codes.shape
+    return (codes.view(n, k // INT4_GROUP, INT4_GROUP).float() * steps.float()[..., None]).view(n, k)
+
+
 class Int8Codes:
     """An int8 matrix with one step per group of 32 along the input: ``w[n, k] = codes[n, k] *
     steps[n, k // 32]``. What a loader hands `quantize_tensor` for a GGUF Q8_0 matrix, so that it
@@ -190,8 +197,7 @@ class Int8Codes:
 
     def dense(self) -> torch.Tensor:
         """The (N, K) fp32 values (each ``code * step`` in fp32, as ggml's dequantization)."""
-        n, k = self.codes.shape
-        return (self.codes.view(n, -1, INT4_GROUP).float() * self.steps.float()[..., None]).view(n, k)
+        return int8_group_values(self.codes, self.steps)
 
 
 class Int8Linear(nn.Module):
@@ -256,23 +262,20 @@ class Int8Linear(nn.Module):
         """The (N, K) matrix the module multiplies by, in `dtype`."""
         q = self.weight_int8[:, native_order(self.in_features)[1]] if self.native else self.weight_int8
         if self.groups:  # code * step in fp32 (the file's values), rounded once to `dtype`
-            n, k = q.shape
-            out = torch.empty(n, k, dtype=dtype, device=q.device)
-            for i in range(0, n, 4096):  # in row blocks: no fp32 copy of a whole vocabulary
-                qi = q[i:i + 4096]
-                out[i:i + 4096] = (qi.view(qi.shape[0], -1, INT4_GROUP).float() * self.scales[i:i + 4096].float()[..., None]
-                                   ).view(qi.shape)
+            out = torch.empty(q.shape, dtype=dtype, device=q.device)
+            for i in range(0, q.shape[0], 4096):  # in row blocks: no fp32 copy of a whole vocabulary
+                out[i:i + 4096] = int8_group_values(q[i:i + 4096], self.scales[i:i + 4096])
             return out
         return q.to(dtype) * self.scales.to(dtype)[:, None]
 
     def dequantized_rows(self, idx: torch.Tensor) -> torch.Tensor:
         """Rows `idx` ((n,) int64) of the matrix in fp32 (exactly, for the group form), without
         expanding the rest."""
+        if self.groups:
+            return int8_rows(self.weight_int8, self.scales, idx)
         q = self.weight_int8[idx]
         if self.native:
             q = q[:, native_order(self.in_features)[1]]
-        if self.groups:
-            return (q.view(idx.numel(), -1, INT4_GROUP).float() * self.scales[idx].float()[..., None]).view(q.shape)
         return q.float() * self.scales[idx].float()[:, None]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -511,7 +514,38 @@ def int4_rows(weight_q4: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, 
     return (codes * steps[idx].float()[..., None] + mins[idx].float()[..., None]).view(n, k)
 
 
-class Int4Embedding(nn.Module):
+def int8_rows(weight_int8: torch.Tensor, steps: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Rows `idx` ((n,) int64) of a native-layout int8 matrix with group steps (the group form of
+    `Int8Linear`: ``weight_int8``, ``scales``) in fp32: ``code * step`` per element."""
+    return int8_group_values(weight_int8[idx][:, native_order(weight_int8.shape[1])[1]], steps[idx])
+
+
+class _FileRowsEmbedding(nn.Module):
+    """What `Int4Embedding` and `Int8Embedding` share: the token embedding as a native table of the
+    file's rows (V, D); a lookup dequantizes just the rows it reads (`rows`), in fp32."""
+
+    kind = ""  # "a 4-bit", "an int8": for messages
+
+    def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype):
+        super().__init__()
+        if embedding_dim % 64:
+            raise QuantizeError(f"{self.kind} embedding needs a dimension divisible by 64, got {embedding_dim}")
+        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+
+    @property
+    def device(self) -> torch.device:
+        return next(self.buffers()).device
+
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        """Rows `idx` ((n,) int64) in fp32."""
+        raise NotImplementedError
+
+    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
+        """(..., D) fp32 rows of `tokens` (...) int64."""
+        return self.rows(tokens.reshape(-1)).view(*tokens.shape, self.embedding_dim)
+
+
+class Int4Embedding(_FileRowsEmbedding):
     """The token embedding kept as 4-bit rows (a GGUF Q4_0/Q4_1 ``token_embd`` in int4 mode): a
     lookup dequantizes just the rows it reads, exactly (fp32, the file's values).
 
@@ -527,12 +561,11 @@ class Int4Embedding(nn.Module):
         device: where the (zero) buffers are allocated; `from_linear` shares an `Int4Linear`'s.
     """
 
+    kind = "a 4-bit"
+
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.bfloat16,
                  device: Optional[torch.device] = None):
-        super().__init__()
-        if embedding_dim % 64:
-            raise QuantizeError(f"a 4-bit embedding needs a dimension divisible by 64, got {embedding_dim}")
-        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+        super().__init__(num_embeddings, embedding_dim, dtype)
         g = embedding_dim // INT4_GROUP
         self.register_buffer("weight_q4", torch.zeros(num_embeddings, embedding_dim // 2, dtype=torch.uint8, device=device))
         self.register_buffer("steps", torch.zeros(num_embeddings, g, dtype=torch.float16, device=device))
@@ -547,20 +580,14 @@ class Int4Embedding(nn.Module):
         m.weight_q4, m.steps, m.mins = table.weight_q4, table.steps, table.mins
         return m
 
-    @property
-    def device(self) -> torch.device:
-        return self.weight_q4.device
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(..., D) fp32 rows of `tokens` (...) int64."""
-        return int4_rows(self.weight_q4, self.steps, self.mins, tokens.reshape(-1)).view(*tokens.shape,
-                                                                                         self.embedding_dim)
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return int4_rows(self.weight_q4, self.steps, self.mins, idx)
 
     def extra_repr(self) -> str:
         return f"{self.num_embeddings}, {self.embedding_dim}, int4 rows (group {INT4_GROUP}), for a {self.dtype} model"
 
 
-class Int8Embedding(nn.Module):
+class Int8Embedding(_FileRowsEmbedding):
     """The token embedding kept as the file's int8 rows with a step per group of 32 (a GGUF Q8_0
     ``token_embd``): a lookup dequantizes just the rows it reads, exactly (fp32, the file's values).
 
@@ -576,12 +603,11 @@ class Int8Embedding(nn.Module):
         device: where the (zero) buffers are allocated; `from_linear` shares an `Int8Linear`'s.
     """
 
+    kind = "an int8"
+
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.bfloat16,
                  device: Optional[torch.device] = None):
-        super().__init__()
-        if embedding_dim % 64:
-            raise QuantizeError(f"an int8 embedding needs a dimension divisible by 64, got {embedding_dim}")
-        self.num_embeddings, self.embedding_dim, self.dtype = num_embeddings, embedding_dim, dtype
+        super().__init__(num_embeddings, embedding_dim, dtype)
         self.register_buffer("weight_int8", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
         self.register_buffer("scales", torch.zeros(num_embeddings, embedding_dim // INT4_GROUP, dtype=torch.float16,
                                                    device=device))
@@ -595,16 +621,8 @@ class Int8Embedding(nn.Module):
         m.weight_int8, m.scales = table.weight_int8, table.scales
         return m
 
-    @property
-    def device(self) -> torch.device:
-        return self.weight_int8.device
-
-    def forward(self, tokens: torch.Tensor) -> torch.Tensor:
-        """(..., D) fp32 rows of `tokens` (...) int64."""
-        idx = tokens.reshape(-1)
-        q = self.weight_int8[idx][:, native_order(self.embedding_dim)[1]]
-        rows = q.view(idx.numel(), -1, INT4_GROUP).float() * self.scales[idx].float()[..., None]
-        return rows.view(*tokens.shape, self.embedding_dim)
+    def rows(self, idx: torch.Tensor) -> torch.Tensor:
+        return int8_rows(self.weight_int8, self.scales, idx)
 
     def extra_repr(self) -> str:
         return (f"{self.num_embeddings}, {self.embedding_dim}, int8 rows (a step per group of {INT4_GROUP}), "
@@ -745,9 +763,8 @@ def quantize_tensor(model: nn.Module, name: str, value: Union[torch.Tensor, Int4
             return
         value = value.dense()
     elif isinstance(value, Int8Codes):
-        fits = native_kernel_fits(value.shape[1])
-        if fits and mode == "int8" and type(module) is nn.Linear and leaf == "weight" and module.bias is None \
-                and module_name != "output":
+        if mode == "int8" and type(module) is nn.Linear and leaf == "weight" and module.bias is None \
+                and module_name != "output" and native_kernel_fits(value.shape[1]):
             _set(model, module_name, Int8Linear.from_codes(value))
             return
         if name in ("tok_embeddings.weight", "output.weight") and _file_vocabulary(model, name, value, tied_embedding, dtype):
