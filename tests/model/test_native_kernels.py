@@ -9,7 +9,7 @@ import pytest
 import torch
 
 from inhouse.kernels import cpu_isa, native_kernels_available
-from inhouse.model.quant import Int4Linear, Int8Linear, native_order
+from inhouse.model.quant import Int4Codes, Int4Linear, Int8Linear, native_order
 
 pytestmark = pytest.mark.skipif(cpu_isa() is None, reason="the native kernels need AVX-512 VNNI or AVX2")
 
@@ -48,12 +48,33 @@ def test_blocks_are_as_wide_as_the_instruction_set():
     assert native_order(576)[0].tolist() == spec_order(576)
 
 
-def pack_int4(codes: torch.Tensor) -> torch.Tensor:
-    """(N, K) codes -> the kernel's layout: the columns in chunk order, then per 64 of them 32 bytes
-    (low nibble: column j, high nibble: column 32 + j)."""
+def tile_rows() -> int:
+    return 16 if cpu_isa() == "avx512" else 8
+
+
+def pack_int4(codes, steps, mins):
+    """(N, K) codes with (N, K/32) steps/mins -> the kernel's row tiles as inhouse/kernels/quant_cpu.h
+    describes them, written out element by element: tiles of L rows (16 on AVX-512, 8 on AVX2, N
+    padded with zero rows); tile t, group g is 8 units of 2L bytes at (t * G + g) * 16L, byte 2i + h of
+    unit u holding row i's code of column 2u + h (low nibble) and of column 16 + 2u + h (high
+    nibble); steps and mins at (t * G + g) * L + i."""
+    L = tile_rows()
     n, k = codes.shape
-    c = codes[:, spec_order(k)].reshape(n, k // 64, 2, 32)
-    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    G, T = k // 32, -(-n // L)
+    w = torch.zeros(T * L * k // 2, dtype=torch.uint8)
+    st = torch.zeros(T * L * G, dtype=torch.float16)
+    mn = torch.zeros(T * L * G, dtype=torch.float16)
+    c = codes.tolist()
+    for row in range(n):
+        t, i = divmod(row, L)
+        for g in range(G):
+            base = (t * G + g) * 16 * L
+            for u in range(8):
+                for h in range(2):
+                    w[base + u * 2 * L + 2 * i + h] = c[row][32 * g + 2 * u + h] | (c[row][32 * g + 16 + 2 * u + h] << 4)
+            st[(t * G + g) * L + i] = steps[row, g]
+            mn[(t * G + g) * L + i] = mins[row, g]
+    return w.view(T * L, k // 2), st.view(T * L, G), mn.view(T * L, G)
 
 
 def int4_case(n, k, seed=0):
@@ -62,7 +83,17 @@ def int4_case(n, k, seed=0):
     steps = (torch.rand(n, k // 32, generator=g) * 0.01 + 0.001).half()
     mins = (-torch.rand(n, k // 32, generator=g) * 0.08).half()
     w = (codes.double().view(n, -1, 32) * steps.double()[..., None] + mins.double()[..., None]).view(n, k)
-    return pack_int4(codes), steps, mins, w
+    return (*pack_int4(codes, steps, mins), w)
+
+
+def test_int4_linear_stores_the_documented_layout():
+    g = torch.Generator().manual_seed(3)
+    codes = torch.randint(0, 16, (40, 192), generator=g, dtype=torch.uint8)
+    steps, mins = torch.rand(40, 6, generator=g).half(), -torch.rand(40, 6, generator=g).half()
+    lin = Int4Linear.from_codes(Int4Codes(codes, steps, mins), native=True)
+    w, st, mn = pack_int4(codes, steps, mins)
+    assert torch.equal(lin.weight_q4, w) and torch.equal(lin.steps, st) and torch.equal(lin.mins, mn)
+    assert torch.equal(lin.codes(), codes)  # and back
 
 
 def test_kernels_build_and_load_here():
@@ -77,13 +108,13 @@ def test_int4_mm_matches_float64(n, k, m):
     w_packed, steps, mins, w = int4_case(n, k)
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(1))
     ref = x.double() @ w.T
-    y = torch.ops.inhouse.int4_mm(x, w_packed, steps, mins)
+    y = torch.ops.inhouse.int4_mm(x, w_packed, steps, mins, n)
     assert y.dtype == torch.float32 and y.shape == (m, n)
     # int16 activations per group of 32: ~1e-5 relative (int8 activations were ~5e-3)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-4
     # each row is what it is alone, bit for bit (the server batches rows of different requests)
     for i in range(m):
-        assert torch.equal(torch.ops.inhouse.int4_mm(x[i:i + 1], w_packed, steps, mins)[0], y[i])
+        assert torch.equal(torch.ops.inhouse.int4_mm(x[i:i + 1], w_packed, steps, mins, n)[0], y[i])
 
 
 @pytest.mark.parametrize("m", [1, 3, 8])
@@ -168,9 +199,9 @@ def test_int4_dequantize_equals_the_torch_ops_it_replaces():
     from inhouse.model.quant import chunk_dtype
 
     lin = Int4Linear.from_weight(torch.randn(200, 576, generator=torch.Generator().manual_seed(7)), native=True)
-    w = torch.ops.inhouse.int4_dequantize(lin.weight_q4, lin.steps, lin.mins)
+    w = torch.ops.inhouse.int4_dequantize(lin.weight_q4, lin.steps, lin.mins, n=lin.out_features)
     assert w.dtype == torch.bfloat16 and torch.equal(w, lin.dequantized(torch.float32).to(torch.bfloat16))
-    w32 = torch.ops.inhouse.int4_dequantize(lin.weight_q4, lin.steps, lin.mins, True)
+    w32 = torch.ops.inhouse.int4_dequantize(lin.weight_q4, lin.steps, lin.mins, True, lin.out_features)
     assert w32.dtype == torch.float32 and torch.equal(w32, lin.dequantized(torch.float32))
     # bf16 where the CPU multiplies it in hardware; elsewhere fp32, ~6x faster than emulated bf16
     assert chunk_dtype() == (torch.bfloat16 if cpu_has_fast_bf16() else torch.float32)

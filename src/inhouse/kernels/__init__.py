@@ -188,13 +188,13 @@ def _load(isa: str) -> Optional[str]:
 def _register_fake() -> None:
     """Shapes for torch.compile: (M, K) x (N, ...) -> (M, N) in x's dtype."""
     @torch.library.register_fake("inhouse::int4_mm")
-    def _(x, w, steps, mins):
-        return x.new_empty((x.shape[0], w.shape[0]))
+    def _(x, w, steps, mins, n=-1):
+        return x.new_empty((x.shape[0], w.shape[0] if n < 0 else n))
 
     @torch.library.register_fake("inhouse::int8_mm")
     def _(x, w, row_scales):
         return x.new_empty((x.shape[0], w.shape[0]))
 
     @torch.library.register_fake("inhouse::int4_dequantize")
-    def _(w, steps, mins, fp32=False):
-        return w.new_empty((w.shape[0], w.shape[1] * 2), dtype=torch.float32 if fp32 else torch.bfloat16)
+    def _(w, steps, mins, fp32=False, n=-1):
+        return w.new_empty((w.shape[0] if n < 0 else n, w.shape[1] * 2), dtype=torch.float32 if fp32 else torch.bfloat16)

@@ -27,6 +27,7 @@
 #include <torch/library.h>
 
 #include <atomic>
+#include <initializer_list>
 #include <cstring>
 #include <memory>
 #include <limits>
@@ -69,18 +70,9 @@ struct Linear {
   int64_t row_bytes() const { return W.row_bytes(K); }
 };
 
-// M activation rows quantized for the row kernels: q (M x K int16, `quantize_row`'s layout);
-// scales and sums (M, G16).
-struct Act {
-  const int16_t* q;
-  const float* scales;
-  const float* sums;
-  int64_t K, G16, M;
-};
-
-// Output rows [n0, n1) of `L` for all M rows of `a`: out[m * ldo + n]. Sixteen weight rows at a
-// time stay in L1 while each block of up to 8 activation rows passes over them.
-void linear_rows(const Linear& L, int64_t n0, int64_t n1, const Act& a, int64_t M, float* out, int64_t ldo) {
+// Output rows [n0, n1) of `L` (n0 a multiple of 16) for all M rows of `a`: out[m * ldo + n]. Sixteen
+// weight rows at a time stay in L1 while each block of up to 8 activation rows passes over them.
+void linear_rows(const Linear& L, int64_t n0, int64_t n1, const Acts& a, int64_t M, float* out, int64_t ldo) {
   if (n0 >= n1) return;
   const int64_t rb = L.row_bytes();
   const char* w = reinterpret_cast<const char*>(L.W.w);
@@ -89,10 +81,7 @@ void linear_rows(const Linear& L, int64_t n0, int64_t n1, const Act& a, int64_t 
   }
   for (int64_t nb = n0; nb < n1; nb += 16) {
     const int64_t ne = std::min<int64_t>(nb + 16, n1);
-    for (int64_t m = 0; m < M; m += kTileRows) {
-      tile(std::min<int64_t>(kTileRows, M - m), nb, ne, L.K, L.W, a.q, a.M, m, a.scales + m * a.G16, a.sums + m * a.G16,
-           a.G16, out + m * ldo, ldo);
-    }
+    for (int64_t m = 0; m < M; m += kTileRows) tile(std::min<int64_t>(kTileRows, M - m), nb, ne, a, m, L.W, out + m * ldo, ldo);
   }
 }
 
@@ -302,32 +291,33 @@ struct Layer {
 // the same norms and quantization of the same inputs, which costs less than a barrier).
 struct Scratch {
   AlignedVector<float> xn, tmp, tmp2, scores, cs;
-  AlignedVector<int16_t> q;
+  AlignedVector<int16_t> q, p;  // quantized activations in block order (int8 kernels), in column order (4-bit)
   AlignedVector<float> scales, sums;
 };
 
 class FusedDecoder : public torch::CustomClassHolder {
  public:
-  // final_norm (D,) fp32; inv_freq (hd/2,) fp32. The embedding: [table (V, D) bf16], a 4-bit table
-  // [codes (V, D/2) uint8, steps, mins (V, D/32) fp16] (Int4Embedding) or an int8 one with group
+  // final_norm (D,) fp32; inv_freq (hd/2,) fp32; `vocab` V. The embedding: [table (V, D) bf16], a 4-bit table
+  // [codes, steps, mins] in row tiles (Int4Embedding, quant_cpu.h) or an int8 one with group
   // steps [codes (V, D) int8, steps (V, D/32) fp16, unused] (Int8Embedding). The output projection:
   // an int8 pass [w8 (V, D) int8, scales (V,) fp32, rows (V, D) bf16] whose top `rescore_k` logits
   // are recomputed from the bf16 rows, or a 4-bit pass [codes, steps, mins] or an int8 one with
   // group steps [codes, steps, unused] whose top logits are recomputed from its own rows,
   // dequantized: the file's values (RescoredOutput).
   FusedDecoder(int64_t n_heads, int64_t n_kv_heads, int64_t head_dim, double eps, at::Tensor final_norm,
-               at::Tensor inv_freq, std::vector<at::Tensor> embedding, std::vector<at::Tensor> output, int64_t rescore_k)
+               at::Tensor inv_freq, std::vector<at::Tensor> embedding, std::vector<at::Tensor> output, int64_t rescore_k,
+               int64_t vocab)
       : H_(n_heads), KH_(n_kv_heads), hd_(head_dim), eps_(static_cast<float>(eps)), k_(rescore_k) {
     TORCH_CHECK((embedding.size() == 1 || embedding.size() == 3) && embedding[0].dim() == 2,
                 "FusedDecoder: the embedding is one bf16 (V, D) table or a quantized one (codes, steps, mins)");
-    V_ = embedding[0].size(0);
+    V_ = vocab;  // a 4-bit table stores whole row tiles: more rows than V
     D_ = embedding[0].scalar_type() == at::kByte ? embedding[0].size(1) * 2 : embedding[0].size(1);
     TORCH_CHECK(D_ % 64 == 0 && hd_ % 16 == 0 && H_ % KH_ == 0 && (H_ * hd_) % 64 == 0,
                 "FusedDecoder: unsupported geometry (dim ", D_, ", heads ", H_, "/", KH_, ", head_dim ", hd_, ")");
     check_f32(final_norm, D_, "final norm");
     check_f32(inv_freq, hd_ / 2, "inv_freq");
     if (embedding.size() == 1) {
-      TORCH_CHECK(embedding[0].scalar_type() == at::kBFloat16 && embedding[0].is_contiguous(),
+      TORCH_CHECK(embedding[0].scalar_type() == at::kBFloat16 && embedding[0].is_contiguous() && embedding[0].size(0) == V_,
                   "FusedDecoder: the embedding table must be contiguous (V, D) bf16");
       emb_ = reinterpret_cast<const uint16_t*>(embedding[0].data_ptr<at::BFloat16>());
     } else {
@@ -351,7 +341,7 @@ class FusedDecoder : public torch::CustomClassHolder {
   }
 
   // One layer: its two norm weights, then (w, a, b) for wq, wk, wv, wo, w1, w3, w2, each either
-  // int4 (uint8 codes (N, K/2), fp16 steps and mins (N, K/32)) or int8 (int8 (N, K), fp32 row
+  // int4 (uint8 codes, fp16 steps and mins in row tiles, quant_cpu.h) or int8 (int8 (N, K), fp32 row
   // scales (N,) or fp16 group steps (N, K/32), b unused).
   void add_layer(std::vector<at::Tensor> t) {
     TORCH_CHECK(t.size() == 23, "FusedDecoder.add_layer: expected 23 tensors, got ", t.size());
@@ -446,6 +436,7 @@ class FusedDecoder : public torch::CustomClassHolder {
       s.scores.resize((H_ / KH_) * score_len);
       s.cs.resize(B * hd_);
       s.q.resize(B * kmax);
+      s.p.resize(B * kmax);
       s.scales.assign(B * g16, 0.0f);  // zero padding past each row's groups (the kernels read 16 at a time)
       s.sums.assign(B * g16, 0.0f);
     }
@@ -476,13 +467,19 @@ class FusedDecoder : public torch::CustomClassHolder {
         if (n0 < n1) f(n0, n1);
       };
       Scratch& sc = scratch_[t];
-      auto quantize = [&](const float* x, int64_t K, int64_t M) -> Act {  // M rows of K, stride K
-        for (int64_t b = 0; b < M; ++b) quantize_row(x + b * K, K, M, b, sc.q.data(), sc.scales.data() + b * g16, sc.sums.data() + b * g16);
-        return Act{sc.q.data(), sc.scales.data(), sc.sums.data(), K, g16, M};
+      // M rows of K (stride K) quantized in the orders the kernels of `fmts` read (`Acts`)
+      auto quantize = [&](const float* x, int64_t K, int64_t M, std::initializer_list<Fmt> fmts) -> Acts {
+        bool blocks = false, plain = false;
+        for (const Fmt f : fmts) (f == Fmt::int4 ? plain : blocks) = true;
+        for (int64_t b = 0; b < M; ++b) {
+          quantize_row(x + b * K, K, M, b, blocks ? sc.q.data() : nullptr, sc.scales.data() + b * g16, sc.sums.data() + b * g16,
+                       plain ? sc.p.data() + b * K : nullptr);
+        }
+        return Acts{sc.q.data(), sc.p.data(), sc.scales.data(), sc.sums.data(), K, g16, M};
       };
-      auto norm_and_quantize = [&](const float* w) -> Act {
+      auto norm_and_quantize = [&](const float* w, std::initializer_list<Fmt> fmts) -> Acts {
         for (int64_t b = 0; b < B; ++b) rms_norm(h_.data() + b * D_, w, D_, eps_, sc.xn.data() + b * D_);
-        return quantize(sc.xn.data(), D_, B);
+        return quantize(sc.xn.data(), D_, B, fmts);
       };
       // RoPE angles of each row (the same in every layer): positions * inv_freq in fp32, as the model
       for (int64_t b = 0; b < B; ++b) {
@@ -509,7 +506,7 @@ class FusedDecoder : public torch::CustomClassHolder {
         const Layer& L = layers_[l];
         Counter& units = counters_[l];
         // q, k, v: one quantized input, the three matrices' rows split as one
-        Act a = norm_and_quantize(L.attn_norm);
+        Acts a = norm_and_quantize(L.attn_norm, {L.wq.W.fmt, L.wk.W.fmt, L.wv.W.fmt});
         const Linear* segs[3] = {&L.wq, &L.wk, &L.wv};
         rows_of(qkv, [&](int64_t n0, int64_t n1) {
           int64_t off = 0;
@@ -553,7 +550,7 @@ class FusedDecoder : public torch::CustomClassHolder {
         }
 #pragma omp barrier
         // h += wo y
-        a = quantize(y_.data(), qd, B);
+        a = quantize(y_.data(), qd, B, {L.wo.W.fmt});
         rows_of(D_, [&](int64_t n0, int64_t n1) {
           linear_rows(L.wo, n0, n1, a, B, sc.tmp.data(), D_);
           for (int64_t b = 0; b < B; ++b)
@@ -561,7 +558,7 @@ class FusedDecoder : public torch::CustomClassHolder {
         });
 #pragma omp barrier
         // g = silu(w1 x) * (w3 x), this thread's rows of both
-        a = norm_and_quantize(L.ffn_norm);
+        a = norm_and_quantize(L.ffn_norm, {L.w1.W.fmt, L.w3.W.fmt});
         rows_of(F_, [&](int64_t n0, int64_t n1) {
           linear_rows(L.w1, n0, n1, a, B, sc.tmp.data(), F_);
           linear_rows(L.w3, n0, n1, a, B, sc.tmp2.data(), F_);
@@ -577,7 +574,7 @@ class FusedDecoder : public torch::CustomClassHolder {
         });
 #pragma omp barrier
         // h += w2 g
-        a = quantize(g_.data(), F_, B);
+        a = quantize(g_.data(), F_, B, {L.w2.W.fmt});
         rows_of(D_, [&](int64_t n0, int64_t n1) {
           linear_rows(L.w2, n0, n1, a, B, sc.tmp.data(), D_);
           for (int64_t b = 0; b < B; ++b)
@@ -588,7 +585,7 @@ class FusedDecoder : public torch::CustomClassHolder {
       // the vocabulary, for the rows that need logits: an int8 pass, then each row's top k
       // recomputed from the bf16 rows
       for (int64_t i = 0; i < n_out; ++i) rms_norm(h_.data() + out_rows[i] * D_, final_norm_, D_, eps_, sc.xn.data() + i * D_);
-      Act a = quantize(sc.xn.data(), D_, n_out);
+      Acts a = quantize(sc.xn.data(), D_, n_out, {out_.W.fmt});
       rows_of(V_, [&](int64_t n0, int64_t n1) { linear_rows(out_, n0, n1, a, n_out, lg, V_); });
 #pragma omp barrier
       for (int64_t b = t; b < n_out; b += nt) {
@@ -623,6 +620,7 @@ class FusedDecoder : public torch::CustomClassHolder {
         AlignedVector<float>().swap(*v);
       }
       AlignedVector<int16_t>().swap(sc.q);
+      AlignedVector<int16_t>().swap(sc.p);
     }
   }
 
@@ -635,12 +633,13 @@ class FusedDecoder : public torch::CustomClassHolder {
     Linear L;
     L.N = N;
     L.K = K;
-    TORCH_CHECK(w.is_contiguous() && a.is_contiguous() && w.dim() == 2 && w.size(0) == N && K % 64 == 0,
+    const int64_t stored = w.scalar_type() == at::kByte ? tile_padded(N) : N;  // 4-bit: whole row tiles
+    TORCH_CHECK(w.is_contiguous() && a.is_contiguous() && w.dim() == 2 && w.size(0) == stored && K % 64 == 0,
                 "FusedDecoder: a (", N, ", ", K, ") matrix was expected, got ", w.sizes());
     auto halves = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); };
     if (w.scalar_type() == at::kByte) {
       TORCH_CHECK(w.size(1) == K / 2 && a.scalar_type() == at::kHalf && b.scalar_type() == at::kHalf && b.is_contiguous() &&
-                  a.numel() == N * K / kGroup && b.numel() == N * K / kGroup, "FusedDecoder: bad int4 matrix");
+                  a.numel() == stored * K / kGroup && b.numel() == stored * K / kGroup, "FusedDecoder: bad int4 matrix");
       L.W.fmt = Fmt::int4;
       L.W.w = w.data_ptr<uint8_t>();
       L.W.steps = halves(a);
@@ -687,7 +686,7 @@ class FusedDecoder : public torch::CustomClassHolder {
 TORCH_LIBRARY_FRAGMENT(inhouse, m) {
   m.class_<FusedDecoder>("FusedDecoder")
       .def(torch::init<int64_t, int64_t, int64_t, double, at::Tensor, at::Tensor, std::vector<at::Tensor>,
-                       std::vector<at::Tensor>, int64_t>())
+                       std::vector<at::Tensor>, int64_t, int64_t>())
       .def("add_layer", &FusedDecoder::add_layer)
       .def("set_caches", &FusedDecoder::set_caches)
       .def("step", &FusedDecoder::step);

@@ -2,13 +2,20 @@
 // int4/int8 row kernels. Included by quant_cpu.cpp (the per-matmul ops) and decode_cpu.cpp (the
 // whole decode step in one call).
 //
-// Weights: groups of 32 input columns, w = code * step + min (GGUF Q4_1's form), codes 0..15.
-//   w (N, K/2) uint8: per output row, the codes in block order (`block_groups` below), two per byte.
-//   steps, mins (N, K/32) fp16.
-//   Or int8 (N, K) in block order with one fp32 scale per row.
+// Weights: groups of 32 input columns.
+//   4-bit (w = code * step + min, GGUF Q4_1's form, codes 0..15) in row tiles: kTile rows (16 on
+//     AVX-512, 8 on AVX2) side by side, the tiles one after the other (N padded to a multiple of
+//     kTile with zero rows). Tile t, group g is 16 * kTile bytes at w + (t * G + g) * 16 * kTile:
+//     8 units u of 2 * kTile bytes, byte 2i + h of unit u holding row i's code of column 2u + h in
+//     its low nibble and of column 16 + 2u + h in its high one. Steps and mins fp16 in the same
+//     order: tile t, group g, row i at (t * G + g) * kTile + i. (A tile's output rows are then one
+//     vector, one int32 lane each: a group is converted and scaled once for kTile rows, whatever K.)
+//   int8 (N, K) in block order (`block_groups` below) with one fp32 scale per row, or one fp16 step
+//     per group of 32 (N, K/32).
 // Activations: each row is quantized per group of 32 to int16 with its own scale (max|x| / 32767:
 //   finer than bf16; int8 here moved ~5% of SmolLM2's greedy tokens); the mins term uses the
-//   exact fp32 group sums of x.
+//   exact fp32 group sums of x. The 4-bit kernel reads them in column order, the int8 ones in
+//   block order (`quantize_row` writes either or both).
 // y[m, n] = sum_g step[n,g] * xs[m,g] * sum_{k in g} code[n,k] * xq[m,k] + sum_g min[n,g] * xsum[m,g]
 //
 // Each output element is computed the same way whatever the number of rows is (integer dot
@@ -92,11 +99,13 @@ inline void block_chunks(const int16_t* groups, int P, int16_t* out) {
 }
 
 // Quantize row b of M activation rows: int16 with one scale per group of 32 (xs, G) and the exact
-// group sums (xsum, G padded to 16 with zeros). The M rows' int16 values (xq, M x K) are stored
-// block by block (above), each block with the M rows' chunks one row after the other: row b's
-// chunk c of the block at group g0 (P groups) is at xq + (g0 * M + b * P + c) * 32, so that a row
-// kernel reaches every row of a tile from one pointer.
-inline void quantize_row(const float* x, int64_t K, int64_t M, int64_t b, int16_t* xq, float* xs, float* xsum) {
+// group sums (xsum, G padded to 16 with zeros). The int16 values go to `plain` (K of them, in
+// column order: the 4-bit kernel's) and/or to xq (M x K, stored block by block for the int8
+// kernels (above), each block with the M rows' chunks one row after the other: row b's chunk c of
+// the block at group g0 (P groups) is at xq + (g0 * M + b * P + c) * 32, so that a row kernel
+// reaches every row of a tile from one pointer); either may be null.
+inline void quantize_row(const float* x, int64_t K, int64_t M, int64_t b, int16_t* xq, float* xs, float* xsum,
+                         int16_t* plain = nullptr) {
   using namespace simd;
   const int64_t G = K / kGroup;
   alignas(64) int16_t groups[kLanes * kGroup];  // a block's groups, quantized, columns in order
@@ -112,7 +121,16 @@ inline void quantize_row(const float* x, int64_t K, int64_t M, int64_t b, int16_
       const vf vinv = set1(amax > 0.0f ? 32767.0f / amax : 0.0f);
       lo = to_int(round(mul(a, vinv)));
       hi = to_int(round(mul(b, vinv)));
+      if (plain != nullptr) store_i16(plain + g * kGroup, lo, hi);
     };
+    if (xq == nullptr) {
+      for (int i = 0; i < P; ++i) {
+        vi lo, hi;
+        group(i, lo, hi);
+      }
+      g0 += P;
+      continue;
+    }
     int16_t* out = xq + (g0 * M + b * P) * kGroup;
 #ifdef INHOUSE_SIMD_TRANSPOSE16
     if (P == 16) {  // a group's 32 values are 16 pairs, a chunk takes pair c of each: a 16 x 16 transposition
@@ -139,33 +157,41 @@ inline void quantize_row(const float* x, int64_t K, int64_t M, int64_t b, int16_
 }
 
 // The weight formats of the row kernels (see the top of this file):
-//   int4:        4-bit codes, fp16 step and min per group of 32 (Int4Linear; GGUF Q4_0/Q4_1);
+//   int4:        4-bit codes in row tiles, fp16 step and min per group of 32 (Int4Linear; GGUF Q4_0/Q4_1);
 //   int8_rows:   int8, one fp32 scale per row (Int8Linear);
 //   int8_groups: int8, one fp16 step per group of 32 (Int8Linear of a GGUF Q8_0 matrix, exact).
 enum class Fmt { int4, int8_rows, int8_groups };
 
-// A quantized (N, K) matrix in the native layout; row n's codes at w + n * row_bytes(K).
+constexpr int64_t kTile = simd::kLanes;               // 4-bit weight rows per tile
+constexpr int64_t kTileGroupBytes = 16 * kTile;        // a tile's codes of one group
+inline int64_t tile_padded(int64_t N) { return (N + kTile - 1) / kTile * kTile; }  // rows a 4-bit matrix stores
+
+// A quantized (N, K) matrix in the native layout: int8 row n's codes at w + n * K; a 4-bit matrix
+// is tile_padded(N) rows of K / 2 bytes in row tiles (the top of this file).
 struct Weights {
   Fmt fmt = Fmt::int4;
   const uint8_t* w = nullptr;
-  const uint16_t* steps = nullptr;   // (N, K/32) fp16: int4, int8_groups
-  const uint16_t* mins = nullptr;    // (N, K/32) fp16: int4
+  const uint16_t* steps = nullptr;   // fp16, int4 (row tiles), int8_groups ((N, K/32))
+  const uint16_t* mins = nullptr;    // fp16, int4 (row tiles)
   const float* row_scales = nullptr; // (N,): int8_rows
   int64_t row_bytes(int64_t K) const { return fmt == Fmt::int4 ? K / 2 : K; }
 };
 
-template <Fmt F>
-constexpr int64_t kGroupBytes = F == Fmt::int4 ? kGroup / 2 : kGroup;  // bytes of codes per group
+// Activations of M rows as the kernels read them (`quantize_row`): `blocks` (the int8 kernels'
+// order, M x K), `plain` (column order, row m at plain + m * K: the 4-bit kernel's), group scales
+// and sums (M x G16).
+struct Acts {
+  const int16_t* blocks;
+  const int16_t* plain;
+  const float* scales;
+  const float* sums;
+  int64_t K, G16, M;
+};
 
-// Two chunks of weights as int16 (chunks 2u and 2u + 1 of a block starting at wb).
-template <Fmt F>
+// Two chunks of int8 weights as int16 (chunks 2u and 2u + 1 of a block starting at wb).
 __attribute__((always_inline)) inline void chunk_pair(const uint8_t* wb, int u, simd::vw& c0, simd::vw& c1) {
-  if constexpr (F == Fmt::int4) {  // 32 bytes: the first chunk in the low nibbles, the second in the high ones
-    simd::int4_groups(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 32 * u)), c0, c1);
-  } else {  // 64 bytes
-    c0 = simd::int8_group(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * u)));
-    c1 = simd::int8_group(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * u + 32)));
-  }
+  c0 = simd::int8_group(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * u)));
+  c1 = simd::int8_group(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(wb + 64 * u + 32)));
 }
 
 // A block's chunks: straight-line code with AVX-512's 32 registers; AVX2's 16 would spill when the
@@ -176,11 +202,11 @@ __attribute__((always_inline)) inline void chunk_pair(const uint8_t* wb, int u, 
 #define INHOUSE_UNROLL_CHUNKS _Pragma("GCC unroll 2")
 #endif
 
-// The integer dot products of one block of P groups (compile-time, so that its chunks unroll into
-// straight-line code with every accumulator in a register and every address an offset of one
-// pointer): d[j][r] for weight rows wr[j] (the block's codes) and activation rows r (the block's
-// chunks of the tile's rows, from xb: `quantize_row`). S dot-product chains per output.
-template <Fmt F, int R, int NB, int S, int P>
+// The integer dot products of one block of P groups of int8 weights (compile-time, so that its
+// chunks unroll into straight-line code with every accumulator in a register and every address an
+// offset of one pointer): d[j][r] for weight rows wr[j] (the block's codes) and activation rows r
+// (the block's chunks of the tile's rows, from xb: `quantize_row`). S dot-product chains per output.
+template <int R, int NB, int S, int P>
 __attribute__((always_inline)) inline void block_dots(const uint8_t* const* wr, const int16_t* xb, simd::vd (&d)[NB][R]) {
   using namespace simd;
   // one pointer for the whole block: the compiler would otherwise hoist each chunk's address out
@@ -197,7 +223,7 @@ INHOUSE_UNROLL_CHUNKS
   for (int u = 0; u < P / 2; ++u) {
     vw c[NB][2];
 #pragma GCC unroll 2
-    for (int j = 0; j < NB; ++j) chunk_pair<F>(wr[j], u, c[j][0], c[j][1]);
+    for (int j = 0; j < NB; ++j) chunk_pair(wr[j], u, c[j][0], c[j][1]);
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) {
       const int16_t* x = xb + (r * P + 2 * u) * kGroup;
@@ -240,55 +266,43 @@ inline void reduce_outputs(const simd::vq (*lanes)[R], int64_t nn, const float* 
   }
 }
 
-// The row kernel: output rows [n0, n1) (at most 16) of W for the R activation rows m.. of M (xq:
-// all M rows, `quantize_row`; xs, xsum and out: the tile's first row). kPassRows weight rows are
-// computed side by side (each activation load serves all of them); a block's dot products are
-// converted and scaled at once (per group: the weights' step times the activations' scale), the
-// mins term (int4) is added from the exact group sums of x, and each output's lanes are summed at
-// the end. A lone last weight row is computed twice.
+// The int8 row kernel: output rows [n0, n1) (at most 16) of W for the R activation rows m.. of M
+// (xq: all M rows in block order, `quantize_row`; xs and out: the tile's first row). kPassRows
+// weight rows are computed side by side (each activation load serves all of them); a block's dot
+// products are converted and scaled at once (per group: the weights' step, if any, times the
+// activations' scale), and each output's lanes are summed at the end. A lone last weight row is
+// computed twice.
 template <Fmt F, int R>
 void rows_times(int64_t n0, int64_t n1, int64_t K, const Weights& W, const int16_t* xq, int64_t M, int64_t m,
-                const float* xs, const float* xsum, int64_t G16, float* out, int64_t ldo) {
+                const float* xs, int64_t G16, float* out, int64_t ldo) {
   using namespace simd;
+  static_assert(F != Fmt::int4, "4-bit weights are row tiles: int4_tile");
   constexpr int NB = R == 1 ? 1 : kPassRows;  // one row at a time is memory-bound: a pair only adds overhead
   constexpr int S = R > 2 ? 1 : 2;  // dot-product chains per output and row (few rows need two to hide latency)
-  constexpr bool kSteps = F != Fmt::int8_rows;
-  constexpr int64_t gb = kGroupBytes<F>;
+  constexpr bool kSteps = F == Fmt::int8_groups;
   const int64_t G = K / kGroup;
   vq lanes[16][R];
   for (int64_t n = n0; n < n1; n += NB) {
     const uint8_t* wr[NB];
     const uint16_t* sr[NB];
-    const uint16_t* mr[NB];
     for (int j = 0; j < NB; ++j) {
       const int64_t nj = std::min(n + j, n1 - 1);
-      wr[j] = W.w + nj * G * gb;
+      wr[j] = W.w + nj * K;
       if constexpr (kSteps) sr[j] = W.steps + nj * G;
-      if constexpr (F == Fmt::int4) mr[j] = W.mins + nj * G;
     }
     vq acc[NB][R];
     for (int j = 0; j < NB; ++j)
       for (int r = 0; r < R; ++r) acc[j][r] = q_zero();
-    if constexpr (F == Fmt::int4) {
-      for (int64_t g = 0; g < G; g += kLanes) {  // the mins term, the groups in order
-        vq mn[NB];
-        for (int j = 0; j < NB; ++j) mn[j] = load_half_lanes_n(mr[j] + g, G - g);
-        for (int r = 0; r < R; ++r) {
-          const vq xv = load_lanes(xsum + r * G16 + g);
-          for (int j = 0; j < NB; ++j) acc[j][r] = q_fmadd(mn[j], xv, acc[j][r]);
-        }
-      }
-    }
     for (int64_t g0 = 0; g0 < G;) {
       const int P = block_groups(G, g0);
       const uint8_t* wb[NB];
       for (int j = 0; j < NB; ++j) {
-        wb[j] = wr[j] + g0 * gb;
+        wb[j] = wr[j] + g0 * kGroup;
         // the weights are read once per token from memory, not cache: ask for them well ahead
-        for (int off = 0; off < P * gb; off += 64) _mm_prefetch(reinterpret_cast<const char*>(wb[j] + off + kPrefetch), _MM_HINT_T0);
+        for (int off = 0; off < P * kGroup; off += 64) _mm_prefetch(reinterpret_cast<const char*>(wb[j] + off + kPrefetch), _MM_HINT_T0);
       }
       vd d[NB][R];
-      with_block(P, [&](auto p) { block_dots<F, R, NB, S, decltype(p)::value>(wb, xq + (g0 * M + m * P) * kGroup, d); });
+      with_block(P, [&](auto p) { block_dots<R, NB, S, decltype(p)::value>(wb, xq + (g0 * M + m * P) * kGroup, d); });
       vq st[NB];
       if constexpr (kSteps)
         for (int j = 0; j < NB; ++j) st[j] = spread(load_half_lanes_n(sr[j] + g0, P), P);
@@ -304,37 +318,98 @@ void rows_times(int64_t n0, int64_t n1, int64_t K, const Weights& W, const int16
   reduce_outputs<R>(lanes, n1 - n0, F == Fmt::int8_rows ? W.row_scales + n0 : nullptr, out + n0, ldo);
 }
 
-// One tile: output rows [n0, n1) (at most 16) of W for activation rows m .. m + R - 1 (R <= kTileRows).
+// The 4-bit kernel: the tile of output rows [n0, n0 + kTile) (n0 a multiple of kTile) for R
+// activation rows (xp: the first one's K int16 in column order, the next K further on; xs, xsum:
+// its group scales and sums, the next G16 further on); writes the first nn of them (fewer in a
+// padded last tile) to out[r * ldo + n0 ..]. Per group: each unit's two column pairs of all the
+// tile's rows are one vector of codes, multiplied by the activations' pair (broadcast) in one
+// integer dot product per activation row; the group's sums are converted and scaled once for the
+// whole tile (the weights' steps times the activations' scale), then the mins term (the weights'
+// mins times the exact group sums of x) is added, the groups in order.
+template <int R>
+void int4_tile(int64_t n0, int64_t nn, int64_t K, const Weights& W, const int16_t* xp, const float* xs,
+               const float* xsum, int64_t G16, float* out, int64_t ldo) {
+  using namespace simd;
+  constexpr int S = R > 2 ? 1 : 2;  // dot-product chains per row (few rows need two to hide latency)
+  const int64_t G = K / kGroup, t = n0 / kTile;
+  const uint8_t* w = W.w + t * G * kTileGroupBytes;
+  const uint16_t* st = W.steps + t * G * kTile;
+  const uint16_t* mn = W.mins + t * G * kTile;
+  vq acc[R];
+  for (int r = 0; r < R; ++r) acc[r] = q_zero();
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* wg = w + g * kTileGroupBytes;
+    // the weights are read once per token from memory, not cache: ask for them well ahead
+    for (int off = 0; off < kTileGroupBytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(wg + off + kPrefetch), _MM_HINT_T0);
+    const int16_t* xg = xp + g * kGroup;
+    vd d[R][S];
+    for (int r = 0; r < R; ++r)
+      for (int i = 0; i < S; ++i) d[r][i] = dot_zero();
+#pragma GCC unroll 8
+    for (int u = 0; u < 8; ++u) {
+      vr c0, c1;
+      tile_codes(wg + u * 2 * kTile, c0, c1);
+#pragma GCC unroll 8
+      for (int r = 0; r < R; ++r) {
+        d[r][0] = tile_dot(d[r][0], c0, xg + r * K + 2 * u);
+        d[r][S - 1] = tile_dot(d[r][S - 1], c1, xg + r * K + 16 + 2 * u);
+      }
+    }
+    const vq sv = load_half_lanes_n(st + g * kTile, kTile), mv = load_half_lanes_n(mn + g * kTile, kTile);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) {
+      const vd dd = S == 2 ? dot_add(d[r][0], d[r][S - 1]) : d[r][0];
+      acc[r] = q_fmadd(dot_float(dd), q_mul(sv, q_set1(xs[r * G16 + g])), acc[r]);
+      acc[r] = q_fmadd(mv, q_set1(xsum[r * G16 + g]), acc[r]);
+    }
+  }
+  for (int r = 0; r < R; ++r) store_lanes_n(out + r * ldo + n0, acc[r], nn);
+}
+
+// Output rows [n0, n1) (at most 16; n0 a multiple of 16) of W for activation rows m .. m + R - 1
+// (R <= kTileRows): out is the tile's first row.
 template <Fmt F>
-inline void tile_for(int64_t R, int64_t n0, int64_t n1, int64_t K, const Weights& W, const int16_t* xq, int64_t M,
-                     int64_t m, const float* xs, const float* xsum, int64_t G16, float* out, int64_t ldo) {
-  switch (R) {
-#define INHOUSE_TILE(R) case R: rows_times<F, R>(n0, n1, K, W, xq, M, m, xs, xsum, G16, out, ldo); break;
-    INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
+inline void tile_for(int64_t R, int64_t n0, int64_t n1, const Acts& a, int64_t m, const Weights& W, float* out, int64_t ldo) {
+  const float* xs = a.scales + m * a.G16;
+  if constexpr (F == Fmt::int4) {
+    const float* xsum = a.sums + m * a.G16;
+    const int16_t* xp = a.plain + m * a.K;
+    for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
+      const int64_t nn = std::min(kTile, n1 - t0);
+      switch (R) {
+#define INHOUSE_TILE(R) case R: int4_tile<R>(t0, nn, a.K, W, xp, xs, xsum, a.G16, out, ldo); break;
+        INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
 #undef INHOUSE_TILE
-    default: rows_times<F, 1>(n0, n1, K, W, xq, M, m, xs, xsum, G16, out, ldo); break;
+        default: int4_tile<1>(t0, nn, a.K, W, xp, xs, xsum, a.G16, out, ldo); break;
+      }
+    }
+  } else {
+    switch (R) {
+#define INHOUSE_TILE(R) case R: rows_times<F, R>(n0, n1, a.K, W, a.blocks, a.M, m, xs, a.G16, out, ldo); break;
+      INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
+#undef INHOUSE_TILE
+      default: rows_times<F, 1>(n0, n1, a.K, W, a.blocks, a.M, m, xs, a.G16, out, ldo); break;
+    }
   }
 }
 
-// The same, whatever W's format. xs, xsum and out: the tile's first row.
-inline void tile(int64_t R, int64_t n0, int64_t n1, int64_t K, const Weights& W, const int16_t* xq, int64_t M, int64_t m,
-                 const float* xs, const float* xsum, int64_t G16, float* out, int64_t ldo) {
+// The same, whatever W's format.
+inline void tile(int64_t R, int64_t n0, int64_t n1, const Acts& a, int64_t m, const Weights& W, float* out, int64_t ldo) {
   switch (W.fmt) {
-    case Fmt::int4: tile_for<Fmt::int4>(R, n0, n1, K, W, xq, M, m, xs, xsum, G16, out, ldo); break;
-    case Fmt::int8_rows: tile_for<Fmt::int8_rows>(R, n0, n1, K, W, xq, M, m, xs, xsum, G16, out, ldo); break;
-    case Fmt::int8_groups: tile_for<Fmt::int8_groups>(R, n0, n1, K, W, xq, M, m, xs, xsum, G16, out, ldo); break;
+    case Fmt::int4: tile_for<Fmt::int4>(R, n0, n1, a, m, W, out, ldo); break;
+    case Fmt::int8_rows: tile_for<Fmt::int8_rows>(R, n0, n1, a, m, W, out, ldo); break;
+    case Fmt::int8_groups: tile_for<Fmt::int8_groups>(R, n0, n1, a, m, W, out, ldo); break;
   }
 }
 
-// The codes of the block of P groups at g0 of a row (int4 or int8) as int16, in column order:
-// codes[i * 32 + k] is column k of group g0 + i.
-template <Fmt F>
+// The codes of the block of P groups at g0 of an int8 row as int16, in column order: codes[i * 32
+// + k] is column k of group g0 + i.
 inline void block_codes(const uint8_t* w, int64_t g0, int P, int16_t* codes) {
-  const uint8_t* wb = w + g0 * kGroupBytes<F>;
+  const uint8_t* wb = w + g0 * kGroup;
 #ifdef INHOUSE_SIMD_TRANSPOSE16
   if (P == 16) {  // the chunks as int16 (in order on AVX-512), transposed back into groups
     __m512i r[16];
-    for (int u = 0; u < 8; ++u) chunk_pair<F>(wb, u, r[2 * u], r[2 * u + 1]);
+    for (int u = 0; u < 8; ++u) chunk_pair(wb, u, r[2 * u], r[2 * u + 1]);
     simd::transpose16(r);
     for (int i = 0; i < 16; ++i) _mm512_storeu_si512(codes + i * kGroup, r[i]);
     return;
@@ -343,13 +418,8 @@ inline void block_codes(const uint8_t* w, int64_t g0, int P, int16_t* codes) {
   alignas(64) int16_t chunks[simd::kLanes * kGroup];  // the block's chunks, in place order
   for (int u = 0; u < P / 2; ++u) {
     for (int j = 0; j < 32; ++j) {
-      if constexpr (F == Fmt::int4) {
-        chunks[64 * u + j] = wb[32 * u + j] & 15;
-        chunks[64 * u + 32 + j] = wb[32 * u + j] >> 4;
-      } else {
-        chunks[64 * u + j] = static_cast<int8_t>(wb[64 * u + j]);
-        chunks[64 * u + 32 + j] = static_cast<int8_t>(wb[64 * u + 32 + j]);
-      }
+      chunks[64 * u + j] = static_cast<int8_t>(wb[64 * u + j]);
+      chunks[64 * u + 32 + j] = static_cast<int8_t>(wb[64 * u + 32 + j]);
     }
   }
   const int wd = static_cast<int>(kGroup) / P;
@@ -358,29 +428,42 @@ inline void block_codes(const uint8_t* w, int64_t g0, int P, int16_t* codes) {
       for (int k = 0; k < wd; ++k) codes[i * kGroup + c * wd + k] = chunks[c * kGroup + i * wd + k];
 }
 
-// Row w (K columns, int4 or int8 with group steps) in fp32, the file's values: code * step + min
-// per element for int4 (a multiply then an add, as PyTorch's ops and inhouse.model.quant.int4_rows
-// compute it), code * step for int8 (ggml's Q8_0): `put(g, f0, f1)` receives group g's columns 0-15
-// and 16-31.
-template <Fmt F, typename Put>
-inline void row_values(const uint8_t* w, const uint16_t* steps, const uint16_t* mins, int64_t K, const Put& put) {
+// Row n of W (int4 or int8_groups) in fp32, the file's values: code * step + min per element for
+// int4 (a multiply then an add, as PyTorch's ops and inhouse.model.quant.int4_rows compute it),
+// code * step for int8 (ggml's Q8_0): `put(g, f0, f1)` receives group g's columns 0-15 and 16-31.
+template <typename Put>
+inline void row_values(const Weights& W, int64_t n, int64_t K, const Put& put) {
   using namespace simd;
-  static_assert(F != Fmt::int8_rows, "rows with one scale have no group values");
   const int64_t G = K / kGroup;
   alignas(64) int16_t codes[kLanes * kGroup];
+  if (W.fmt == Fmt::int4) {  // row i of tile t: bytes 2i, 2i + 1 of each unit of each group
+    const int64_t t = n / kTile, i = n % kTile;
+    const uint8_t* w = W.w + t * G * kTileGroupBytes + 2 * i;
+    const uint16_t* st = W.steps + t * G * kTile + i;
+    const uint16_t* mn = W.mins + t * G * kTile + i;
+    for (int64_t g = 0; g < G; ++g) {
+      const uint8_t* wg = w + g * kTileGroupBytes;
+      for (int u = 0; u < 8; ++u) {
+        for (int h = 0; h < 2; ++h) {
+          const uint8_t b = wg[u * 2 * kTile + h];
+          codes[2 * u + h] = b & 15;
+          codes[16 + 2 * u + h] = b >> 4;
+        }
+      }
+      const vf s = set1(_cvtsh_ss(st[g * kTile])), mv = set1(_cvtsh_ss(mn[g * kTile]));
+      put(g, add(mul(to_float(i16_to_i32(codes)), s), mv), add(mul(to_float(i16_to_i32(codes + 16)), s), mv));
+    }
+    return;
+  }
+  // int8_groups (rows with one scale have no group values: callers never ask)
+  const uint8_t* w = W.w + n * K;
+  const uint16_t* steps = W.steps + n * G;
   for (int64_t g0 = 0; g0 < G;) {
     const int P = block_groups(G, g0);
-    block_codes<F>(w, g0, P, codes);
+    block_codes(w, g0, P, codes);
     for (int i = 0; i < P; ++i) {
-      const int64_t g = g0 + i;
-      const vf st = set1(_cvtsh_ss(steps[g]));
-      const vf f0 = mul(to_float(i16_to_i32(codes + i * kGroup)), st), f1 = mul(to_float(i16_to_i32(codes + i * kGroup + 16)), st);
-      if constexpr (F == Fmt::int4) {
-        const vf mn = set1(_cvtsh_ss(mins[g]));
-        put(g, add(f0, mn), add(f1, mn));
-      } else {
-        put(g, f0, f1);
-      }
+      const vf s = set1(_cvtsh_ss(steps[g0 + i]));
+      put(g0 + i, mul(to_float(i16_to_i32(codes + i * kGroup)), s), mul(to_float(i16_to_i32(codes + i * kGroup + 16)), s));
     }
     g0 += P;
   }
@@ -388,13 +471,10 @@ inline void row_values(const uint8_t* w, const uint16_t* steps, const uint16_t* 
 
 // Row n of W (int4 or int8_groups) in fp32, the file's values: out (K floats).
 inline void weight_row(const Weights& W, int64_t n, int64_t K, float* out) {
-  const int64_t G = K / kGroup;
-  auto put = [&](int64_t g, simd::vf f0, simd::vf f1) {
+  row_values(W, n, K, [&](int64_t g, simd::vf f0, simd::vf f1) {
     simd::store(out + g * kGroup, f0);
     simd::store(out + g * kGroup + 16, f1);
-  };
-  if (W.fmt == Fmt::int4) row_values<Fmt::int4>(W.w + n * (K / 2), W.steps + n * G, W.mins + n * G, K, put);
-  else row_values<Fmt::int8_groups>(W.w + n * K, W.steps + n * G, nullptr, K, put);
+  });
 }
 
 }  // namespace inhouse_kernels

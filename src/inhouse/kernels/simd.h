@@ -20,6 +20,7 @@
 #include <immintrin.h>
 
 #include <cstdint>
+#include <cstring>
 
 namespace inhouse_kernels {
 namespace simd {
@@ -112,6 +113,23 @@ inline vq load_half_lanes_n(const uint16_t* p, int64_t n) {  // fp16 -> fp32; la
   return _mm512_cvtph_ps(_mm256_maskz_loadu_epi16(first(n), p));
 }
 inline void store_lanes_n(float* p, vq v, int64_t n) { _mm512_mask_storeu_ps(p, first(n), v); }
+inline vq q_set1(float x) { return _mm512_set1_ps(x); }
+// 4-bit weights in row tiles (quant_cpu.h): kLanes weight rows side by side, one int32 lane per
+// row. `tile_codes` reads 2 * kLanes bytes (byte 2i + h: row i's code of one column in its low
+// nibble, of the column 16 further in its high one) as the rows' code pairs of the two column
+// pairs (int16 lanes 2i, 2i + 1: row i); `tile_dot` adds each row's pair times the activations'
+// pair x[0], x[1] (broadcast) to its lane.
+using vr = __m512i;
+inline void tile_codes(const uint8_t* p, vr& lo, vr& hi) {
+  const __m512i b = _mm512_cvtepu8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  lo = _mm512_and_si512(b, _mm512_set1_epi16(0x0F));
+  hi = _mm512_srli_epi16(b, 4);
+}
+inline vd tile_dot(vd acc, vr c, const int16_t* x) {
+  int32_t pair;
+  std::memcpy(&pair, x, 4);
+  return _mm512_dpwssd_epi32(acc, c, _mm512_set1_epi32(pair));
+}
 // Lane l <- v[l * P / kLanes]: the scales of a block of P groups (P = 2, 4, 8, 16) over its lanes.
 __attribute__((always_inline)) inline vq spread(vq v, int P) {
   switch (P) {
@@ -344,6 +362,18 @@ inline vq load_half_lanes_n(const uint16_t* p, int64_t n) {
 inline void store_lanes_n(float* p, vq v, int64_t n) {
   if (n >= 8) return _mm256_storeu_ps(p, v);
   _mm256_maskstore_ps(p, first8(n), v);
+}
+inline vq q_set1(float x) { return _mm256_set1_ps(x); }
+using vr = __m256i;  // row tiles (see the AVX-512 ones): 8 rows, 16 bytes per two column pairs
+inline void tile_codes(const uint8_t* p, vr& lo, vr& hi) {
+  const __m256i b = _mm256_cvtepu8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  lo = _mm256_and_si256(b, _mm256_set1_epi16(0x0F));
+  hi = _mm256_srli_epi16(b, 4);
+}
+inline vd tile_dot(vd acc, vr c, const int16_t* x) {
+  int32_t pair;
+  std::memcpy(&pair, x, 4);
+  return _mm256_add_epi32(acc, _mm256_madd_epi16(c, _mm256_set1_epi32(pair)));
 }
 __attribute__((always_inline)) inline vq spread(vq v, int P) {
   switch (P) {

@@ -112,7 +112,7 @@ class FusedDecode:
             projection[2] = out.rows.detach()
         self._decoder = torch.classes.inhouse.FusedDecoder(
             args.n_heads, args.n_kv_heads, args.head_dim, float(args.norm_eps), model.norm.weight.detach(),
-            model.inv_freq.detach().float().contiguous(), table, projection, out.k)
+            model.inv_freq.detach().float().contiguous(), table, projection, out.k, args.vocab_size)
         for layer in model.layers:
             tensors = [layer.attention_norm.weight.detach(), layer.ffn_norm.weight.detach()]
             for name in LINEARS:

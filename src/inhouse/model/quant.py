@@ -95,7 +95,8 @@ def native_lanes() -> int:
 
 
 def native_order(k: int, lanes: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """The column order of the native kernels' weights for rows of `k` columns, and its inverse.
+    """The column order of the native kernels' 8-bit weights for rows of `k` columns, and its inverse
+    (4-bit weights are stored in row tiles instead: `pack_int4_tiles`).
 
     Groups of 32 columns are taken `lanes` at a time (a block; default `native_lanes`), the rest in
     blocks of lanes/2, lanes/4, ... down to 2. A block of P groups is stored as P chunks of 32,
@@ -125,19 +126,52 @@ def _native_order(k: int, lanes: int) -> tuple[torch.Tensor, torch.Tensor]:
     return order, torch.argsort(order)
 
 
-def _pack_nibbles(codes: torch.Tensor) -> torch.Tensor:
-    """(N, K) codes 0..15 in stored order -> (N, K/2) bytes: per 64 columns, byte j holds column j
-    in its low nibble and column 32 + j in its high one (two chunks per 32 bytes)."""
+def int4_tile_rows() -> int:
+    """Weight rows per tile of the native 4-bit layout (`pack_int4_tiles`): the int32 lanes of the
+    kernels' vectors, 16 with AVX-512, 8 with AVX2 (the instruction set `inhouse.kernels.cpu_isa` picks)."""
+    return native_lanes()
+
+
+def pack_int4_tiles(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor,
+                    rows: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """(N, K) codes 0..15 with (N, K/32) steps and mins -> the native kernels' row tiles.
+
+    `rows` weight rows (default `int4_tile_rows`) side by side; N is padded to a multiple of them
+    with zero rows. Tile t, group g (32 columns) is 8 units of 2 * rows bytes, byte 2i + h of unit u
+    holding row i's code of column 2u + h in its low nibble and of column 16 + 2u + h in its high
+    one (inhouse/kernels/quant_cpu.h); steps and mins are in the same tile/group/row order. Returns
+    (N', K/2) uint8 and two (N', K/32) fp16, N' = N rounded up.
+    """
     n, k = codes.shape
-    c = codes.view(n, k // 64, 2, 32)
-    return (c[:, :, 0] | (c[:, :, 1] << 4)).reshape(n, k // 2).contiguous()
+    rows, g = rows or int4_tile_rows(), k // INT4_GROUP
+    padded = -(-n // rows) * rows
+    c = codes.view(n, g, 2, 16)
+    b = c[:, :, 0] | (c[:, :, 1] << 4)  # (N, G, 16): byte j, column j low and 16 + j high
+    if padded > n:
+        b = torch.cat((b, b.new_zeros(padded - n, g, 16)))
+    packed = b.view(padded // rows, rows, g, 8, 2).permute(0, 2, 3, 1, 4).contiguous().view(padded, k // 2)
+
+    def tiles(v: torch.Tensor) -> torch.Tensor:
+        v = v.to(torch.float16)
+        if padded > n:
+            v = torch.cat((v, v.new_zeros(padded - n, g)))
+        return v.view(padded // rows, rows, g).transpose(1, 2).contiguous().view(padded, g)
+
+    return packed, tiles(steps), tiles(mins)
 
 
-def _native_codes(packed: torch.Tensor) -> torch.Tensor:
-    """(N, K/2) bytes of the native layout -> (N, K) codes in column order."""
-    n, k = packed.shape[0], packed.shape[1] * 2
-    q = packed.view(n, k // 64, 1, 32)
-    return torch.cat((q & 15, q >> 4), dim=2).view(n, k)[:, native_order(k)[1]]
+def int4_tile_parts(packed: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, idx: torch.Tensor,
+                    rows: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows `idx` ((n,) int64) of a matrix in row tiles (`pack_int4_tiles`): codes (n, K) uint8 and
+    steps, mins (n, K/32) fp16, read without unpacking the other rows."""
+    rows = rows or int4_tile_rows()
+    padded, k = packed.shape[0], packed.shape[1] * 2
+    g, t, i = k // INT4_GROUP, idx // rows, idx % rows
+    b = packed.view(padded // rows, g, 8, rows, 2)[t, :, :, i, :].reshape(-1, g, 16)  # (n, G, 16)
+    codes = torch.cat((b & 15, b >> 4), dim=2).view(-1, k)
+    st = steps.view(padded // rows, g, rows)[t, :, i]
+    mn = mins.view(padded // rows, g, rows)[t, :, i]
+    return codes, st, mn
 
 
 class QuantizeError(ValueError):
@@ -379,8 +413,9 @@ class Int4Linear(nn.Module):
     Two storage layouts, chosen when the module is built (``native``):
 
     * native (`inhouse.kernels`, CPUs with AVX-512 VNNI or AVX2, K a multiple of 64): ``weight_q4``
-      (N, K/2) uint8, the codes in the kernels' column order (`native_order`), two per byte;
-      ``steps`` and ``mins`` (N, K/32) fp16 — GGUF stores Q4_1's scale and minimum in fp16, so these are the file's weights exactly. Calls of
+      (N', K/2) uint8, the codes in the kernels' row tiles (`pack_int4_tiles`, N' = N rounded up
+      to whole tiles), two per byte; ``steps`` and ``mins`` (N', K/32) fp16 in the same order —
+      GGUF stores Q4_1's scale and minimum in fp16, so these are the file's weights exactly. Calls of
       decode rows and chunks of up to `small_batch` rows run ``torch.ops.inhouse.int4_mm``: the activations are quantized
       to int16 per group of 32 and multiplied with integer dot products, reading the weights at close
       to memory bandwidth.
@@ -408,9 +443,7 @@ class Int4Linear(nn.Module):
         self.native = native = _native_choice(native, in_features)
         g, n = in_features // INT4_GROUP, out_features
         if native:
-            self.register_buffer("weight_q4", torch.zeros(n, in_features // 2, dtype=torch.uint8, device=device))
-            self.register_buffer("steps", torch.zeros(n, g, dtype=torch.float16, device=device))
-            self.register_buffer("mins", torch.zeros(n, g, dtype=torch.float16, device=device))
+            _register_int4_tiles(self, n, in_features, device)
             return
         self.register_buffer("weight_int4pack", torch.zeros(0, dtype=torch.uint8, device=device))
         self.register_buffer("scales_and_zeros", torch.zeros(g, n, 2, dtype=torch.bfloat16, device=device))
@@ -435,8 +468,7 @@ class Int4Linear(nn.Module):
         m = cls(k, n, device=torch.device("meta"), native=native)
         codes = q.codes
         if m.native:
-            m.weight_q4 = _pack_nibbles(codes[:, native_order(k)[0]])
-            m.steps, m.mins = q.steps.to(torch.float16).contiguous(), q.mins.to(torch.float16).contiguous()
+            m.weight_q4, m.steps, m.mins = pack_int4_tiles(codes, q.steps, q.mins)
             return m
         step, lo = q.steps.float()[..., None], q.mins.float()[..., None]  # (N, G, 1)
         zero = lo + 8 * step  # PyTorch's kernel computes (code - 8) * scale + zero
@@ -455,7 +487,7 @@ class Int4Linear(nn.Module):
         """The (N, K) uint8 codes 0..15."""
         n, k = self.out_features, self.in_features
         if self.native:
-            return _native_codes(self.weight_q4)
+            return int4_tile_parts(self.weight_q4, self.steps, self.mins, torch.arange(n))[0]
         if self.weight_nibbles.numel() == 0:
             return unpack_int4pack(self.weight_int4pack, n, k)
         return torch.stack((self.weight_nibbles & 15, self.weight_nibbles >> 4), dim=-1).view(n, k)
@@ -470,10 +502,11 @@ class Int4Linear(nn.Module):
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The (N, K) matrix the module multiplies by, in `dtype`."""
         n, k = self.out_features, self.in_features
-        codes = self.codes()  # (N, K)
         if self.native:
-            step, lo = self.steps.to(dtype)[..., None], self.mins.to(dtype)[..., None]  # (N, G, 1)
+            codes, steps, mins = int4_tile_parts(self.weight_q4, self.steps, self.mins, torch.arange(n))
+            step, lo = steps.to(dtype)[..., None], mins.to(dtype)[..., None]  # (N, G, 1)
         else:
+            codes = self.codes()  # (N, K)
             sm = self.steps_and_mins.to(dtype).transpose(0, 1)  # (N, G, 2)
             step, lo = sm[..., :1], sm[..., 1:]
         return (codes.to(dtype).view(n, -1, INT4_GROUP) * step + lo).view(n, k)
@@ -484,10 +517,11 @@ class Int4Linear(nn.Module):
         small = _row_kernels(x, x2.shape[0], self.native)
         if self.native:
             if small:
-                y = torch.ops.inhouse.int4_mm(x2, self.weight_q4, self.steps, self.mins)  # in x's dtype
+                y = torch.ops.inhouse.int4_mm(x2, self.weight_q4, self.steps, self.mins, self.out_features)  # in x's dtype
             else:  # prompt chunks: the matrix in bf16 (rounded once from fp32) or fp32, a regular matmul
                 dt = chunk_dtype(x2.device)
-                w = torch.ops.inhouse.int4_dequantize(self.weight_q4, self.steps, self.mins, dt == torch.float32)
+                w = torch.ops.inhouse.int4_dequantize(self.weight_q4, self.steps, self.mins, dt == torch.float32,
+                                                      self.out_features)
                 y = F.linear(x2.to(dt), w).to(x.dtype)
             return y.view(*shape[:-1], self.out_features)
         if small:
@@ -508,10 +542,18 @@ class Int4Linear(nn.Module):
 
 def int4_rows(weight_q4: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Rows `idx` ((n,) int64) of a native-layout 4-bit matrix (`Int4Linear`'s ``weight_q4``,
-    ``steps``, ``mins``) in fp32: ``code * step + min`` per element, a multiply then an add."""
+    ``steps``, ``mins``: row tiles) in fp32: ``code * step + min`` per element, a multiply then an add."""
     n, k = idx.numel(), weight_q4.shape[1] * 2
-    codes = _native_codes(weight_q4[idx]).view(n, k // INT4_GROUP, INT4_GROUP).float()
-    return (codes * steps[idx].float()[..., None] + mins[idx].float()[..., None]).view(n, k)
+    codes, st, mn = int4_tile_parts(weight_q4, steps, mins, idx)
+    return (codes.view(n, k // INT4_GROUP, INT4_GROUP).float() * st.float()[..., None] + mn.float()[..., None]).view(n, k)
+
+
+def _register_int4_tiles(m: nn.Module, n: int, k: int, device: Optional[torch.device]) -> None:
+    """The (zero) buffers of an (n, k) 4-bit matrix in row tiles: ``weight_q4``, ``steps``, ``mins``."""
+    padded = -(-n // int4_tile_rows()) * int4_tile_rows()
+    m.register_buffer("weight_q4", torch.zeros(padded, k // 2, dtype=torch.uint8, device=device))
+    m.register_buffer("steps", torch.zeros(padded, k // INT4_GROUP, dtype=torch.float16, device=device))
+    m.register_buffer("mins", torch.zeros(padded, k // INT4_GROUP, dtype=torch.float16, device=device))
 
 
 def int8_rows(weight_int8: torch.Tensor, steps: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -566,10 +608,7 @@ class Int4Embedding(_FileRowsEmbedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.bfloat16,
                  device: Optional[torch.device] = None):
         super().__init__(num_embeddings, embedding_dim, dtype)
-        g = embedding_dim // INT4_GROUP
-        self.register_buffer("weight_q4", torch.zeros(num_embeddings, embedding_dim // 2, dtype=torch.uint8, device=device))
-        self.register_buffer("steps", torch.zeros(num_embeddings, g, dtype=torch.float16, device=device))
-        self.register_buffer("mins", torch.zeros(num_embeddings, g, dtype=torch.float16, device=device))
+        _register_int4_tiles(self, num_embeddings, embedding_dim, device)
 
     @classmethod
     def from_linear(cls, table: "Int4Linear", dtype: torch.dtype) -> "Int4Embedding":
