@@ -94,8 +94,10 @@ def test_disconnect_cancels_and_frees_the_cache(slow_server):
 
 
 def test_request_time_limit(keyfile):
-    llm = H.scripted_llm(delay=0.02, max_model_len=MAX_MODEL_LEN, max_num_seqs=2)
-    app = H.create_app(llm, api_keys=None, request_timeout=0.5)
+    # 500 tokens take >= 5 s at 0.01 s a step, far past the 2 s limit; the short reply after them
+    # (~10 steps) stays far inside it even on a slow, busy machine.
+    llm = H.scripted_llm(delay=0.01, max_model_len=MAX_MODEL_LEN, max_num_seqs=2)
+    app = H.create_app(llm, api_keys=None, request_timeout=2.0)
     with H.ServerThread(app) as s:
         client = H.openai_client(s.base, key=None)
         msgs = [{"role": "user", "content": "a long story"}]
