@@ -179,6 +179,9 @@ def _worker_main(argv: list[str]) -> int:
     t_start = opts.pop("t_launch")  # wall clock when the driver launched this process
     kind, _, variant = a.worker.partition(":")
     if kind == "inhouse":
+        from inhouse.util import import_torch_frozen
+
+        import_torch_frozen()  # as the command line does before it loads a model
         variant, plus, _ = variant.partition("+")  # "int4+compile": with the compiled decode step
         opts["compile"] = opts.get("compile", False) or plus == "+"
         quantize, dtype = {"int4": ("int4", "bfloat16"), "int8": ("int8", "bfloat16"), "bf16": ("none", "bfloat16"),

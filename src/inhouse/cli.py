@@ -21,6 +21,8 @@ import sys
 import time
 from typing import Optional, Sequence
 
+from inhouse.util import import_torch_frozen
+
 EXIT_USER_ERROR = 2
 DEFAULT_MAX_TOKENS = 512
 
@@ -397,6 +399,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     if a.verb == "generate" and a.json and not a.verbose:
         logging.getLogger("inhouse").setLevel(logging.WARNING)  # machine output: keep stderr quiet too
     try:
+        if a.verb not in ("info", "bench"):  # the verbs that load a model (bench's workers do it themselves)
+            t = time.perf_counter()
+            frozen = import_torch_frozen()
+            logging.getLogger("inhouse").debug("imported torch and the engine in %.2f s (%d objects frozen)",
+                                               time.perf_counter() - t, frozen)
         return a.func(a)
     except KeyboardInterrupt:
         print(file=sys.stderr)

@@ -23,3 +23,27 @@ def gc_paused() -> Iterator[None]:
     finally:
         if was_on:
             gc.enable()
+
+
+def import_torch_frozen() -> int:
+    """Import torch and inhouse's engine with the collector paused, then freeze what they made.
+
+    For processes that load a model (the command line's verbs). `import torch` creates ~180k
+    objects that live as long as the process, and while they are made the collector walks them
+    again and again: 0.16-0.18 s of a 1.4-2.3 s import on a 2-core Xeon, and ~0.1 s more for one
+    full pass when inhouse's modules follow, ~10% of the time to a first token. Paused during the
+    imports, then `gc.freeze()`: they go to the permanent generation, which later collections
+    skip (also no ~0.1 s full pass over them in the middle of serving); reference counting still
+    frees whatever becomes garbage. Returns the number of objects frozen.
+    """
+    was_on = gc.isenabled()
+    gc.disable()
+    try:
+        import torch  # noqa: F401
+
+        import inhouse.engine.llm  # noqa: F401
+    finally:
+        gc.freeze()  # before the collector is back: its next pass would walk all of them once (~0.1 s)
+        if was_on:
+            gc.enable()
+    return gc.get_freeze_count()
