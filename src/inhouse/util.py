@@ -36,14 +36,10 @@ def import_torch_frozen() -> int:
     skip (also no ~0.1 s full pass over them in the middle of serving); reference counting still
     frees whatever becomes garbage. Returns the number of objects frozen.
     """
-    was_on = gc.isenabled()
-    gc.disable()
-    try:
+    with gc_paused():
         import torch  # noqa: F401
 
         import inhouse.engine.llm  # noqa: F401
-    finally:
+
         gc.freeze()  # before the collector is back: its next pass would walk all of them once (~0.1 s)
-        if was_on:
-            gc.enable()
     return gc.get_freeze_count()
