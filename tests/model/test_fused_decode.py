@@ -85,6 +85,26 @@ def test_rows_do_not_depend_on_the_batch():
         assert torch.equal(alone[0], together[b])
 
 
+def test_amx_passes_change_no_bit():
+    """Eight sequences at once take the 4-bit kernel's AMX passes where the CPU has them (amx.h):
+    the same logits and cache entries as the vector kernel's."""
+    from inhouse.kernels import amx_passes
+
+    model = quantized_tiny("int4", seed=6)
+    fused = FusedDecode(model)
+    ids = torch.randint(0, model.args.vocab_size, (8, 6), generator=torch.Generator().manual_seed(7))
+    try:
+        amx_passes(False)
+        vector, vc = run_steps(fused, model, ids, torch.arange(8), n_rows=8)
+        amx_passes(True)
+        tiles, tc = run_steps(fused, model, ids, torch.arange(8), n_rows=8)
+    finally:
+        amx_passes(True)
+    assert torch.equal(tiles, vector)
+    for a, b in zip(vc, tc):
+        assert torch.equal(a.k, b.k) and torch.equal(a.v, b.v)
+
+
 def test_more_rows_than_one_kernel_pass_takes():
     """Batches over 8 rows take several passes over the weights (the kernel's tile): same results."""
     model = quantized_tiny("int4", seed=4)

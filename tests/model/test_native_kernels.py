@@ -267,3 +267,30 @@ def test_decode_rows_always_take_the_row_kernels(cls):
     chunk = lin(x.view(1, B, 576))[0]  # one sequence's B-token prompt chunk
     assert not torch.equal(chunk, rows)  # another kernel, another rounding
     torch.testing.assert_close(chunk, rows, rtol=2e-2, atol=2e-2 * rows.abs().max().item())
+
+
+def test_amx_passes_are_the_vector_kernels_results_bit_for_bit():
+    """On a CPU with AMX-INT8 (and an AVX-512 build), 4-bit passes of 4+ activation rows run on
+    tiles (inhouse/kernels/amx.h): exactly int4_tile's numbers, whatever the rows (outliers, sizes
+    that leave a partial pass or a padded weight tile), so batches still equal rows alone."""
+    from inhouse.kernels import _AMX, _cpu_flags, amx_passes
+
+    expected = cpu_isa() == "avx512" and all(f in _cpu_flags() for f in _AMX[0])
+    assert amx_passes() == expected
+    g = torch.Generator().manual_seed(11)
+    try:
+        for n, k in ((320, 128), (1536, 576), (576, 1536), (100, 64)):
+            lin = Int4Linear.from_weight(torch.randn(n, k, generator=g))
+            for m in (4, 5, 8, 11, 16):
+                outliers = torch.where(torch.rand(k, generator=g) < 0.02, 40.0, 1.0)
+                x = torch.randn(m, 1, k, generator=g) * outliers
+                assert amx_passes(True) == expected
+                tiles = lin(x)
+                assert not amx_passes(False)
+                vector = lin(x)
+                assert torch.equal(tiles, vector), (n, k, m)
+                assert torch.equal(tiles, torch.cat([lin(x[i:i + 1]) for i in range(m)])), (n, k, m)
+                ref = x.reshape(m, k).double() @ lin.dequantized(torch.float32).double().T
+                assert (vector.reshape(m, n).double() - ref).abs().max() < 1e-3 * ref.abs().max()  # int16 activations
+    finally:
+        amx_passes(True)

@@ -74,6 +74,7 @@ struct Linear {
 // weight rows at a time stay in L1 while each block of up to 8 activation rows passes over them.
 void linear_rows(const Linear& L, int64_t n0, int64_t n1, const Acts& a, int64_t M, float* out, int64_t ldo) {
   if (n0 >= n1) return;
+  begin_passes(a, L.W);
   const int64_t rb = L.row_bytes();
   const char* w = reinterpret_cast<const char*>(L.W.w);
   for (int64_t off = 0; off < std::min<int64_t>(kPrefetch, (n1 - n0) * rb); off += 64) {
@@ -292,6 +293,7 @@ struct Layer {
 struct Scratch {
   AlignedVector<float> xn, tmp, tmp2, scores, cs;
   AlignedVector<int16_t> q, p;  // quantized activations in block order (int8 kernels), in column order (4-bit)
+  AlignedVector<int8_t> amx;     // p as the AMX kernel's passes (amx.h)
   AlignedVector<float> scales, sums;
 };
 
@@ -475,7 +477,8 @@ class FusedDecoder : public torch::CustomClassHolder {
           quantize_row(x + b * K, K, M, b, blocks ? sc.q.data() : nullptr, sc.scales.data() + b * g16, sc.sums.data() + b * g16,
                        plain ? sc.p.data() + b * K : nullptr);
         }
-        return Acts{sc.q.data(), sc.p.data(), sc.scales.data(), sc.sums.data(), K, g16, M};
+        return Acts{sc.q.data(), sc.p.data(), sc.scales.data(), sc.sums.data(), K, g16, M,
+                    plain ? amx_acts(sc.p.data(), K, M, sc.amx) : nullptr};
       };
       auto norm_and_quantize = [&](const float* w, std::initializer_list<Fmt> fmts) -> Acts {
         for (int64_t b = 0; b < B; ++b) rms_norm(h_.data() + b * D_, w, D_, eps_, sc.xn.data() + b * D_);
@@ -621,6 +624,7 @@ class FusedDecoder : public torch::CustomClassHolder {
       }
       AlignedVector<int16_t>().swap(sc.q);
       AlignedVector<int16_t>().swap(sc.p);
+      AlignedVector<int8_t>().swap(sc.amx);
     }
   }
 

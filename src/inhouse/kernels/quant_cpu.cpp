@@ -22,6 +22,7 @@ Acts quantize_rows(const at::Tensor& x, Fmt fmt) {
   const int64_t M = x.size(0), K = x.size(1), G16 = (K / kGroup + 15) / 16 * 16;
   thread_local AlignedVector<int16_t> xq;
   thread_local AlignedVector<float> xs, xsum;
+  thread_local AlignedVector<int8_t> xa;
   xq.resize(M * K);
   xs.assign(M * G16, 0.0f);
   xsum.assign(M * G16, 0.0f);
@@ -31,7 +32,8 @@ Acts quantize_rows(const at::Tensor& x, Fmt fmt) {
     quantize_row(xp + m * K, K, M, m, plain ? nullptr : xq.data(), xs.data() + m * G16, xsum.data() + m * G16,
                  plain ? xq.data() + m * K : nullptr);
   }
-  return {plain ? nullptr : xq.data(), plain ? xq.data() : nullptr, xs.data(), xsum.data(), K, G16, M};
+  return {plain ? nullptr : xq.data(), plain ? xq.data() : nullptr, xs.data(), xsum.data(), K, G16, M,
+          plain ? amx_acts(xq.data(), K, M, xa) : nullptr};
 }
 
 // y = x W^T for the first N output rows: output rows split across threads; 16 of them at a time
@@ -45,6 +47,7 @@ at::Tensor times(const at::Tensor& x_in, const Weights& W, int64_t N, int64_t K)
   const char* w = reinterpret_cast<const char*>(W.w);
   at::parallel_for(0, (N + 15) / 16, 1, [&](int64_t b0, int64_t b1) {  // in blocks of 16 rows (whole 4-bit tiles)
     const int64_t begin = b0 * 16, end = std::min(N, b1 * 16);
+    begin_passes(a, W);
     // the first rows: later ones are prefetched while earlier ones are computed
     for (int64_t off = 0; off < std::min<int64_t>(kPrefetch, (end - begin) * rb); off += 64) {
       _mm_prefetch(w + begin * rb + off, _MM_HINT_T0);
@@ -141,9 +144,24 @@ at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& steps, const a
   return out;
 }
 
+// Whether the 4-bit kernel runs passes of kAmxMinRows or more rows on AMX tiles (amx.h); `on`: 0
+// turns that off, 1 on again (where the build and the process have AMX), -1 changes nothing.
+// The results are the same either way.
+bool use_amx(int64_t on) {
+#ifdef INHOUSE_AMX
+  if (on == 0) amx_state().store(0);
+  if (on == 1) amx_state().store(-1);  // asks again
+  return amx_ready();
+#else
+  (void)on;
+  return false;
+#endif
+}
+
 }  // namespace
 
 TORCH_LIBRARY(inhouse, m) {
+  m.def("use_amx(int on=-1) -> bool", &use_amx);
   m.def("int4_mm(Tensor x, Tensor w, Tensor steps, Tensor mins, int n=-1) -> Tensor");
   m.def("int8_mm(Tensor x, Tensor w, Tensor row_scales) -> Tensor");
   m.def("int4_dequantize(Tensor w, Tensor steps, Tensor mins, bool fp32=False, int n=-1) -> Tensor");

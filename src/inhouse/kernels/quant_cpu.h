@@ -12,8 +12,9 @@
 //     vector, one int32 lane each: a group is converted and scaled once for kTile rows, whatever K.)
 //   int8 (N, K) in block order (`block_groups` below) with one fp32 scale per row, or one fp16 step
 //     per group of 32 (N, K/32).
-// Activations: each row is quantized per group of 32 to int16 with its own scale (max|x| / 32767:
-//   finer than bf16; int8 here moved ~5% of SmolLM2's greedy tokens); the mins term uses the
+// Activations: each row is quantized per group of 32 to int16 with its own scale (max|x| / 32639:
+//   finer than bf16; int8 here moved ~5% of SmolLM2's greedy tokens; 32639, not 32767, so that
+//   each value is two int8 for the AMX kernel, amx.h); the mins term uses the
 //   exact fp32 group sums of x. The 4-bit kernel reads them in column order, the int8 ones in
 //   block order (`quantize_row` writes either or both).
 // y[m, n] = sum_g step[n,g] * xs[m,g] * sum_{k in g} code[n,k] * xq[m,k] + sum_g min[n,g] * xsum[m,g]
@@ -41,6 +42,7 @@ namespace inhouse_kernels {
 constexpr int64_t kGroup = 32;
 constexpr int64_t kBlock = 64;  // columns per 32 bytes of 4-bit codes: two chunks
 constexpr int64_t kMaxGroups = 2048;  // K up to 65536
+constexpr float kActMax = 32639.0f;  // the largest |int16 activation|: 256 * 127 + 127 (amx.h)
 using simd::kTileRows;  // activation rows served by one pass over the weights
 #ifndef INHOUSE_PREFETCH
 #define INHOUSE_PREFETCH 4096
@@ -117,8 +119,8 @@ inline void quantize_row(const float* x, int64_t K, int64_t M, int64_t b, int16_
       const vf a = load(xg), b = load(xg + 16);
       const float amax = reduce_max(max(abs(a), abs(b)));
       xsum[g] = reduce_add(add(a, b));
-      xs[g] = amax / 32767.0f;
-      const vf vinv = set1(amax > 0.0f ? 32767.0f / amax : 0.0f);
+      xs[g] = amax / kActMax;
+      const vf vinv = set1(amax > 0.0f ? kActMax / amax : 0.0f);
       lo = to_int(round(mul(a, vinv)));
       hi = to_int(round(mul(b, vinv)));
       if (plain != nullptr) store_i16(plain + g * kGroup, lo, hi);
@@ -179,14 +181,43 @@ struct Weights {
 
 // Activations of M rows as the kernels read them (`quantize_row`): `blocks` (the int8 kernels'
 // order, M x K), `plain` (column order, row m at plain + m * K: the 4-bit kernel's), group scales
-// and sums (M x G16).
+// and sums (M x G16); `amx`: `plain` as the AMX kernel's passes (amx.h `amx_blocks`), or null
+// (then the 4-bit kernel is `int4_tile`).
 struct Acts {
   const int16_t* blocks;
   const int16_t* plain;
   const float* scales;
   const float* sums;
   int64_t K, G16, M;
+  const int8_t* amx = nullptr;
 };
+}  // namespace inhouse_kernels
+
+#include "amx.h"
+
+namespace inhouse_kernels {
+
+// M rows of int16 activations (column order) as the AMX kernel's passes, in `buf`; null where
+// int4_tile serves them (fewer than kAmxMinRows rows, a build or a process without AMX).
+inline const int8_t* amx_acts(const int16_t* plain, int64_t K, int64_t M, AlignedVector<int8_t>& buf) {
+#ifdef INHOUSE_AMX
+  if (M >= kAmxMinRows && amx_ready()) {
+    buf.resize((M + kTileRows - 1) / kTileRows * 16 * K);
+    amx_blocks(plain, K, M, buf.data());
+    return buf.data();
+  }
+#endif
+  (void)plain, (void)K, (void)M, (void)buf;
+  return nullptr;
+}
+
+// Before a thread's first 4-bit pass over `a` (its tile shapes, if they are AMX passes).
+inline void begin_passes(const Acts& a, const Weights& W) {
+#ifdef INHOUSE_AMX
+  if (a.amx != nullptr && W.fmt == Fmt::int4) amx_configure();
+#endif
+  (void)a, (void)W;
+}
 
 // Two chunks of int8 weights as int16 (chunks 2u and 2u + 1 of a block starting at wb).
 __attribute__((always_inline)) inline void chunk_pair(const uint8_t* wb, int u, simd::vw& c0, simd::vw& c1) {
@@ -376,6 +407,18 @@ inline void tile_for(int64_t R, int64_t n0, int64_t n1, const Acts& a, int64_t m
     const int16_t* xp = a.plain + m * a.K;
     for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
       const int64_t nn = std::min(kTile, n1 - t0);
+#ifdef INHOUSE_AMX
+      if (a.amx != nullptr) {
+        const int8_t* A = a.amx + (m / kTileRows) * 16 * a.K;
+        switch (R) {
+#define INHOUSE_TILE(R) case R: int4_tile_amx<R>(t0, nn, a.K, W, A, xs, xsum, a.G16, out, ldo); break;
+          INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
+#undef INHOUSE_TILE
+          default: int4_tile_amx<1>(t0, nn, a.K, W, A, xs, xsum, a.G16, out, ldo); break;
+        }
+        continue;
+      }
+#endif
       switch (R) {
 #define INHOUSE_TILE(R) case R: int4_tile<R>(t0, nn, a.K, W, xp, xs, xsum, a.G16, out, ldo); break;
         INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
