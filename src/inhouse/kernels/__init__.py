@@ -50,7 +50,7 @@ ISAS = {
 }
 _BASE_CFLAGS = ["-O3", "-fopenmp"]
 # Where the CPU also has AMX-INT8 (Intel Sapphire Rapids and later), the AVX-512 build adds the 4-bit
-# kernel on tiles for passes of 4-8 activation rows (amx.h: the same results, ~1.3x at 8 rows).
+# kernel on tiles for passes of 4-8 activation rows (amx.h: the same results; batch-8 decode +11%, BENCHMARKS.md).
 _AMX = (("amx_tile", "amx_int8"), ["-mamx-tile", "-mamx-int8"])
 _state: Optional[bool] = None
 _isa: Optional[str] = None

@@ -38,7 +38,7 @@ namespace inhouse_kernels {
 
 constexpr int64_t kAmxMinRows = 4;  // fewer rows: int4_tile is as fast (the tile work is per group, not per row)
 
-// Whether the process may use the tile registers (asked once); `set_amx` turns their use off and on.
+// Whether the process may use the tile registers (asked once); quant_cpu.cpp's `use_amx` turns their use off and on.
 inline std::atomic<int>& amx_state() {  // -1: not asked yet, 0: off, 1: on
   static std::atomic<int> s{-1};
   return s;
@@ -117,20 +117,16 @@ void int4_tile_amx(int64_t n0, int64_t nn, int64_t K, const Weights& W, const in
   alignas(64) int32_t C[kRing][16 * 16];
   vq acc[R];
   for (int r = 0; r < R; ++r) acc[r] = q_zero();
-  auto scale = [&](int64_t g) {  // int4_tile's per-group operations, in its order
+  auto scale = [&](int64_t g) {  // hi * 256 + lo, then int4_tile's own per-group operations
     const int32_t* c = C[g % kRing];
-    const vq sv = load_half_lanes_n(st + g * kTile, kTile), mv = load_half_lanes_n(mn + g * kTile, kTile);
+    vd dd[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const vd dd = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(c + 16 * r), 8), _mm512_load_si512(c + 16 * (8 + r)));
-      acc[r] = q_fmadd(dot_float(dd), q_mul(sv, q_set1(xs[r * G16 + g])), acc[r]);
-      acc[r] = q_fmadd(mv, q_set1(xsum[r * G16 + g]), acc[r]);
-    }
+    for (int r = 0; r < R; ++r) dd[r] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(c + 16 * r), 8), _mm512_load_si512(c + 16 * (8 + r)));
+    int4_scale_group<R>(dd, st, mn, xs, xsum, G16, g, acc);
   };
   auto unpack = [&](int64_t g) {
     const uint8_t* wg = w + g * kTileGroupBytes;
-    // the weights are read once per token from memory, not cache: ask for them well ahead
-    for (int off = 0; off < kTileGroupBytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(wg + off + kPrefetch), _MM_HINT_T0);
+    prefetch_tile_group(wg);
     amx_codes(wg, codes[g % kRing]);
   };
   for (int64_t g = 0; g < std::min<int64_t>(kAhead, G); ++g) unpack(g);

@@ -191,6 +191,28 @@ struct Acts {
   int64_t K, G16, M;
   const int8_t* amx = nullptr;
 };
+// The 4-bit kernels' steps per group (`int4_tile` and amx.h's `int4_tile_amx` share them, so that
+// their results agree bit for bit). A tile's group (kTileGroupBytes at wg) is read from memory
+// once per token: ask for it well ahead.
+inline void prefetch_tile_group(const uint8_t* wg) {
+  for (int off = 0; off < kTileGroupBytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(wg + off + kPrefetch), _MM_HINT_T0);
+}
+
+// Group g of a tile (steps st, mins mn: the tile's first) for R activation rows: dd[r] the group's
+// integer dot products, converted and scaled (the weights' steps times the activations' scale),
+// then the mins term (the weights' mins times the exact group sums of x) added.
+template <int R>
+__attribute__((always_inline)) inline void int4_scale_group(const simd::vd* dd, const uint16_t* st, const uint16_t* mn, const float* xs,
+                                                            const float* xsum, int64_t G16, int64_t g, simd::vq* acc) {
+  using namespace simd;
+  const vq sv = load_half_lanes_n(st + g * kTile, kTile), mv = load_half_lanes_n(mn + g * kTile, kTile);
+#pragma GCC unroll 8
+  for (int r = 0; r < R; ++r) {
+    acc[r] = q_fmadd(dot_float(dd[r]), q_mul(sv, q_set1(xs[r * G16 + g])), acc[r]);
+    acc[r] = q_fmadd(mv, q_set1(xsum[r * G16 + g]), acc[r]);
+  }
+}
+
 }  // namespace inhouse_kernels
 
 #include "amx.h"
@@ -370,8 +392,7 @@ void int4_tile(int64_t n0, int64_t nn, int64_t K, const Weights& W, const int16_
   for (int r = 0; r < R; ++r) acc[r] = q_zero();
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* wg = w + g * kTileGroupBytes;
-    // the weights are read once per token from memory, not cache: ask for them well ahead
-    for (int off = 0; off < kTileGroupBytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(wg + off + kPrefetch), _MM_HINT_T0);
+    prefetch_tile_group(wg);
     const int16_t* xg = xp + g * kGroup;
     vd d[R][S];
     for (int r = 0; r < R; ++r)
@@ -386,13 +407,10 @@ void int4_tile(int64_t n0, int64_t nn, int64_t K, const Weights& W, const int16_
         d[r][S - 1] = tile_dot(d[r][S - 1], c1, xg + r * K + 16 + 2 * u);
       }
     }
-    const vq sv = load_half_lanes_n(st + g * kTile, kTile), mv = load_half_lanes_n(mn + g * kTile, kTile);
+    vd dd[R];
 #pragma GCC unroll 8
-    for (int r = 0; r < R; ++r) {
-      const vd dd = S == 2 ? dot_add(d[r][0], d[r][S - 1]) : d[r][0];
-      acc[r] = q_fmadd(dot_float(dd), q_mul(sv, q_set1(xs[r * G16 + g])), acc[r]);
-      acc[r] = q_fmadd(mv, q_set1(xsum[r * G16 + g]), acc[r]);
-    }
+    for (int r = 0; r < R; ++r) dd[r] = S == 2 ? dot_add(d[r][0], d[r][S - 1]) : d[r][0];
+    int4_scale_group<R>(dd, st, mn, xs, xsum, G16, g, acc);
   }
   for (int r = 0; r < R; ++r) store_lanes_n(out + r * ldo + n0, acc[r], nn);
 }
