@@ -173,6 +173,8 @@ void attend_head(const float* q, const uint16_t* kc, const uint16_t* vc, int64_t
 // NH query heads of one kv head (q: NH x hd, consecutive) over S cached positions: each key and
 // value row is read once for all of them (grouped-query attention). Scores of 16 positions are
 // summed at once (`sum16`). scores: NH rows of ls >= S floats; y: NH x hd.
+constexpr int64_t kKvAhead = 8;  // key rows prefetched ahead of the one read
+
 template <int NV, int NH>
 void attend_heads(const float* q, const uint16_t* kc, const uint16_t* vc, int64_t S, float scale, float* scores,
                   int64_t ls, float* y) {
@@ -182,6 +184,7 @@ void attend_heads(const float* q, const uint16_t* kc, const uint16_t* vc, int64_
   for (int h = 0; h < NH; ++h)
     for (int j = 0; j < NV; ++j) qv[h][j] = load(q + h * hd + 16 * j);
   vf part[NH][16];
+  for (int64_t off = 0; off < std::min(S, kKvAhead) * hd * 2; off += 64) _mm_prefetch(reinterpret_cast<const char*>(kc) + off, _MM_HINT_T0);
   for (int64_t s0 = 0; s0 < S; s0 += 16) {
     const int64_t ns = std::min<int64_t>(16, S - s0);
     for (int64_t i = 0; i < 16; ++i) {
@@ -190,6 +193,15 @@ void attend_heads(const float* q, const uint16_t* kc, const uint16_t* vc, int64_
         continue;
       }
       const uint16_t* kr = kc + (s0 + i) * hd;
+      // the cache rows come from memory (a batch's caches outgrow L2), in short streams the
+      // hardware prefetcher meets late: the key row kKvAhead positions on, and this value row for
+      // the second pass
+      const char* ka = reinterpret_cast<const char*>(kr + kKvAhead * hd);
+      const char* va = reinterpret_cast<const char*>(vc + (s0 + i) * hd);
+      for (int64_t off = 0; off < hd * 2; off += 64) {
+        _mm_prefetch(ka + off, _MM_HINT_T0);
+        _mm_prefetch(va + off, _MM_HINT_T0);
+      }
       vf k[NV];
       for (int j = 0; j < NV; ++j) k[j] = load_bf16(kr + 16 * j);
       for (int h = 0; h < NH; ++h) {
