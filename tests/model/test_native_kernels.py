@@ -77,6 +77,45 @@ def pack_int4(codes, steps, mins):
     return w.view(T * L, k // 2), st.view(T * L, G), mn.view(T * L, G)
 
 
+def pack_int8(codes, steps):
+    """(N, K) int8 codes with (N, K/32) steps -> the kernel's int8 row tiles as quant_cpu.h describes
+    them, element by element: tiles of L rows (N padded with zero rows); tile t, group g is 8 units
+    of 4L bytes at (t * G + g) * 32L, byte 2i + j of unit u holding row i's code of column 2u + j and
+    byte 2L + 2i + j its code of column 16 + 2u + j; steps at (t * G + g) * L + i."""
+    L = tile_rows()
+    n, k = codes.shape
+    G, T = k // 32, -(-n // L)
+    w = torch.zeros(T * L * k, dtype=torch.int8)
+    st = torch.zeros(T * L * G, dtype=torch.float16)
+    c = codes.tolist()
+    for row in range(n):
+        t, i = divmod(row, L)
+        for g in range(G):
+            base = (t * G + g) * 32 * L
+            for u in range(8):
+                for j in range(2):
+                    w[base + u * 4 * L + 2 * i + j] = c[row][32 * g + 2 * u + j]
+                    w[base + u * 4 * L + 2 * L + 2 * i + j] = c[row][32 * g + 16 + 2 * u + j]
+            st[(t * G + g) * L + i] = steps[row, g]
+    return w.view(T * L, k), st.view(T * L, G)
+
+
+def test_int8_group_linear_stores_the_documented_layout():
+    from inhouse.model.quant import Int8Codes, Int8Embedding
+
+    g = torch.Generator().manual_seed(4)
+    codes = torch.randint(-127, 128, (40, 192), generator=g, dtype=torch.int8)
+    steps = torch.rand(40, 6, generator=g).half()
+    lin = Int8Linear.from_codes(Int8Codes(codes, steps))
+    w, st = pack_int8(codes, steps)
+    assert torch.equal(lin.weight_int8, w) and torch.equal(lin.scales, st)
+    ref = (codes.float().view(40, 6, 32) * steps.float()[..., None]).view(40, 192)
+    idx = torch.tensor([39, 0, 17, 16, 5])
+    assert torch.equal(lin.dequantized_rows(idx), ref[idx])  # and back, exactly
+    assert torch.equal(lin.dequantized(torch.float32), ref)
+    assert torch.equal(Int8Embedding.from_linear(lin, torch.float32)(idx), ref[idx])
+
+
 def int4_case(n, k, seed=0):
     g = torch.Generator().manual_seed(seed)
     codes = torch.randint(0, 16, (n, k), generator=g, dtype=torch.uint8)
@@ -142,18 +181,19 @@ def test_int8_mm_with_group_steps_matches_float64(n, k, m):
     steps = (torch.rand(n, k // 32, generator=g) * 0.01 + 1e-3).half()
     x = torch.randn(m, k, generator=g)
     ref = x.double() @ (q.double().view(n, -1, 32) * steps.double()[..., None]).view(n, k).T
-    q = q[:, spec_order(k)].contiguous()
-    y = torch.ops.inhouse.int8_mm(x, q, steps)
+    q, st = pack_int8(q, steps)  # the kernel's row tiles
+    y = torch.ops.inhouse.int8_mm(x, q, st, n)
     assert y.shape == (m, n)
     assert ((y.double() - ref).norm() / ref.norm()).item() < 1e-4
     for i in range(m):
-        assert torch.equal(torch.ops.inhouse.int8_mm(x[i:i + 1], q, steps)[0], y[i])
+        assert torch.equal(torch.ops.inhouse.int8_mm(x[i:i + 1], q, st, n)[0], y[i])
     # a step per group that the kernel misplaced would show: scale one group's steps
-    steps2 = steps.clone()
-    steps2[:, 1] *= 4
-    assert not torch.allclose(torch.ops.inhouse.int8_mm(x, q, steps2), y)
-    with pytest.raises(RuntimeError, match=r"\(N, K/32\) fp16"):
-        torch.ops.inhouse.int8_mm(x, q, steps[:, :-1].contiguous())
+    st2 = pack_int8(torch.zeros(n, k, dtype=torch.int8), steps * torch.tensor([1.0, 4.0] + [1.0] * (k // 32 - 2)).half())[1]
+    assert not torch.allclose(torch.ops.inhouse.int8_mm(x, q, st2, n), y)
+    with pytest.raises(RuntimeError, match=r"fp16 \(N, K/32\) in row tiles"):
+        torch.ops.inhouse.int8_mm(x, q, st[:, :-1].contiguous(), n)
+    with pytest.raises(RuntimeError, match="rounded up to whole tiles"):
+        torch.ops.inhouse.int8_mm(x, q, st, n + 16)
 
 
 def test_bf16_rows_come_back_bf16_and_bad_shapes_are_named():

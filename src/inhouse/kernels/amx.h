@@ -1,13 +1,13 @@
 // The 4-bit kernel on AMX-INT8 tiles (Intel Sapphire Rapids and later), for passes of 4 to 8
-// activation rows: the same results as quant_cpu.h's `int4_tile`, bit for bit.
+// activation rows: the same results as quant_cpu.h's `row_tile`, bit for bit.
 //
-// `int4_tile` spends one vpdpwssd (32 multiply-adds) per two columns, weight tile row and
+// `row_tile` spends one vpdpwssd (32 multiply-adds) per two columns, weight tile row and
 // activation row: at 8 activation rows that is the whole budget of a core's vector unit. A tile
 // multiply (tdpbssd) does a group's 16 weight rows x 32 columns x 16 rows at once, in int8.
 // Activations are int16, so each row enters as two int8 rows: x = 256 * hi + lo, with hi =
 // (x + 128) >> 8 and lo = x - 256 * hi, both in [-128, 127] because |x| <= 32639 (`kActMax`).
 // A group's integer dot products sum_k code * x = 256 * (sum_k code * hi) + sum_k code * lo are
-// then exact, the same int32 as int4_tile's, and are scaled by the same fp32 operations in the
+// then exact, the same int32 as row_tile's, and are scaled by the same fp32 operations in the
 // same order: the two kernels agree exactly, and a row's result still does not depend on the batch
 // it is in (nor on whether this CPU has AMX).
 //
@@ -36,7 +36,7 @@
 
 namespace inhouse_kernels {
 
-constexpr int64_t kAmxMinRows = 4;  // fewer rows: int4_tile is as fast (the tile work is per group, not per row)
+constexpr int64_t kAmxMinRows = 4;  // fewer rows: row_tile is as fast (the tile work is per group, not per row)
 
 // Whether the process may use the tile registers (asked once); quant_cpu.cpp's `use_amx` turns their use off and on.
 inline std::atomic<int>& amx_state() {  // -1: not asked yet, 0: off, 1: on
@@ -101,7 +101,7 @@ inline void amx_codes(const uint8_t* wg, uint8_t* B) {
   }
 }
 
-// `int4_tile` on tiles: the tile of output rows [n0, n0 + 16) for R (<= 8) activation rows, A their
+// `row_tile` (4-bit) on tiles: the tile of output rows [n0, n0 + 16) for R (<= 8) activation rows, A their
 // pass (`amx_blocks`), xs/xsum as there. The tile configuration must be loaded (`amx_configure`).
 template <int R>
 void int4_tile_amx(int64_t n0, int64_t nn, int64_t K, const Weights& W, const int8_t* A, const float* xs,
@@ -117,16 +117,16 @@ void int4_tile_amx(int64_t n0, int64_t nn, int64_t K, const Weights& W, const in
   alignas(64) int32_t C[kRing][16 * 16];
   vq acc[R];
   for (int r = 0; r < R; ++r) acc[r] = q_zero();
-  auto scale = [&](int64_t g) {  // hi * 256 + lo, then int4_tile's own per-group operations
+  auto scale = [&](int64_t g) {  // hi * 256 + lo, then row_tile's own per-group operations
     const int32_t* c = C[g % kRing];
     vd dd[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) dd[r] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(c + 16 * r), 8), _mm512_load_si512(c + 16 * (8 + r)));
-    int4_scale_group<R>(dd, st, mn, xs, xsum, G16, g, acc);
+    scale_tile_group<R, true>(dd, st, mn, xs, xsum, G16, g, acc);
   };
   auto unpack = [&](int64_t g) {
     const uint8_t* wg = w + g * kTileGroupBytes;
-    prefetch_tile_group(wg);
+    prefetch_tile_group(wg, kTileGroupBytes);
     amx_codes(wg, codes[g % kRing]);
   };
   for (int64_t g = 0; g < std::min<int64_t>(kAhead, G); ++g) unpack(g);

@@ -313,7 +313,7 @@ class FusedDecoder : public torch::CustomClassHolder {
  public:
   // final_norm (D,) fp32; inv_freq (hd/2,) fp32; `vocab` V. The embedding: [table (V, D) bf16], a 4-bit table
   // [codes, steps, mins] in row tiles (Int4Embedding, quant_cpu.h) or an int8 one with group
-  // steps [codes (V, D) int8, steps (V, D/32) fp16, unused] (Int8Embedding). The output projection:
+  // steps [codes, steps, unused], row tiles too (Int8Embedding). The output projection:
   // an int8 pass [w8 (V, D) int8, scales (V,) fp32, rows (V, D) bf16] whose top `rescore_k` logits
   // are recomputed from the bf16 rows, or a 4-bit pass [codes, steps, mins] or an int8 one with
   // group steps [codes, steps, unused] whose top logits are recomputed from its own rows,
@@ -324,7 +324,7 @@ class FusedDecoder : public torch::CustomClassHolder {
       : H_(n_heads), KH_(n_kv_heads), hd_(head_dim), eps_(static_cast<float>(eps)), k_(rescore_k) {
     TORCH_CHECK((embedding.size() == 1 || embedding.size() == 3) && embedding[0].dim() == 2,
                 "FusedDecoder: the embedding is one bf16 (V, D) table or a quantized one (codes, steps, mins)");
-    V_ = vocab;  // a 4-bit table stores whole row tiles: more rows than V
+    V_ = vocab;  // a quantized table stores whole row tiles: more rows than V
     D_ = embedding[0].scalar_type() == at::kByte ? embedding[0].size(1) * 2 : embedding[0].size(1);
     TORCH_CHECK(D_ % 64 == 0 && hd_ % 16 == 0 && H_ % KH_ == 0 && (H_ * hd_) % 64 == 0,
                 "FusedDecoder: unsupported geometry (dim ", D_, ", heads ", H_, "/", KH_, ", head_dim ", hd_, ")");
@@ -355,8 +355,8 @@ class FusedDecoder : public torch::CustomClassHolder {
   }
 
   // One layer: its two norm weights, then (w, a, b) for wq, wk, wv, wo, w1, w3, w2, each either
-  // int4 (uint8 codes, fp16 steps and mins in row tiles, quant_cpu.h) or int8 (int8 (N, K), fp32 row
-  // scales (N,) or fp16 group steps (N, K/32), b unused).
+  // int4 (uint8 codes, fp16 steps and mins in row tiles, quant_cpu.h) or int8 (int8 (N, K) with fp32
+  // row scales (N,), or int8 codes with fp16 group steps in row tiles; b unused).
   void add_layer(std::vector<at::Tensor> t) {
     TORCH_CHECK(t.size() == 23, "FusedDecoder.add_layer: expected 23 tensors, got ", t.size());
     Layer L;
@@ -483,14 +483,17 @@ class FusedDecoder : public torch::CustomClassHolder {
       Scratch& sc = scratch_[t];
       // M rows of K (stride K) quantized in the orders the kernels of `fmts` read (`Acts`)
       auto quantize = [&](const float* x, int64_t K, int64_t M, std::initializer_list<Fmt> fmts) -> Acts {
-        bool blocks = false, plain = false;
-        for (const Fmt f : fmts) (f == Fmt::int4 ? plain : blocks) = true;
+        bool blocks = false, plain = false, four = false;
+        for (const Fmt f : fmts) {
+          (row_tiles(f) ? plain : blocks) = true;
+          four = four || f == Fmt::int4;
+        }
         for (int64_t b = 0; b < M; ++b) {
           quantize_row(x + b * K, K, M, b, blocks ? sc.q.data() : nullptr, sc.scales.data() + b * g16, sc.sums.data() + b * g16,
                        plain ? sc.p.data() + b * K : nullptr);
         }
         return Acts{sc.q.data(), sc.p.data(), sc.scales.data(), sc.sums.data(), K, g16, M,
-                    plain ? amx_acts(sc.p.data(), K, M, sc.amx) : nullptr};
+                    four ? amx_acts(sc.p.data(), K, M, sc.amx) : nullptr};
       };
       auto norm_and_quantize = [&](const float* w, std::initializer_list<Fmt> fmts) -> Acts {
         for (int64_t b = 0; b < B; ++b) rms_norm(h_.data() + b * D_, w, D_, eps_, sc.xn.data() + b * D_);
@@ -649,7 +652,8 @@ class FusedDecoder : public torch::CustomClassHolder {
     Linear L;
     L.N = N;
     L.K = K;
-    const int64_t stored = w.scalar_type() == at::kByte ? tile_padded(N) : N;  // 4-bit: whole row tiles
+    const bool tiles = w.scalar_type() == at::kByte || a.dim() == 2;  // 4-bit, or int8 with group steps: whole row tiles
+    const int64_t stored = tiles ? tile_padded(N) : N;
     TORCH_CHECK(w.is_contiguous() && a.is_contiguous() && w.dim() == 2 && w.size(0) == stored && K % 64 == 0,
                 "FusedDecoder: a (", N, ", ", K, ") matrix was expected, got ", w.sizes());
     auto halves = [](const at::Tensor& t) { return reinterpret_cast<const uint16_t*>(t.data_ptr<at::Half>()); };
@@ -661,8 +665,8 @@ class FusedDecoder : public torch::CustomClassHolder {
       L.W.steps = halves(a);
       L.W.mins = halves(b);
     } else if (a.dim() == 2) {
-      TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == K && a.scalar_type() == at::kHalf && a.size(0) == N &&
-                  a.size(1) == K / kGroup, "FusedDecoder: bad int8 matrix with group steps");
+      TORCH_CHECK(w.scalar_type() == at::kChar && w.size(1) == K && a.scalar_type() == at::kHalf && a.size(0) == stored &&
+                  a.size(1) == K / kGroup, "FusedDecoder: bad int8 matrix with group steps (row tiles)");
       L.W.fmt = Fmt::int8_groups;
       L.W.w = reinterpret_cast<const uint8_t*>(w.data_ptr<int8_t>());
       L.W.steps = halves(a);

@@ -27,13 +27,13 @@ Acts quantize_rows(const at::Tensor& x, Fmt fmt) {
   xs.assign(M * G16, 0.0f);
   xsum.assign(M * G16, 0.0f);
   const float* xp = x.data_ptr<float>();
-  const bool plain = fmt == Fmt::int4;
+  const bool plain = row_tiles(fmt);
   for (int64_t m = 0; m < M; ++m) {
     quantize_row(xp + m * K, K, M, m, plain ? nullptr : xq.data(), xs.data() + m * G16, xsum.data() + m * G16,
                  plain ? xq.data() + m * K : nullptr);
   }
   return {plain ? nullptr : xq.data(), plain ? xq.data() : nullptr, xs.data(), xsum.data(), K, G16, M,
-          plain ? amx_acts(xq.data(), K, M, xa) : nullptr};
+          fmt == Fmt::int4 ? amx_acts(xq.data(), K, M, xa) : nullptr};
 }
 
 // y = x W^T for the first N output rows: output rows split across threads; 16 of them at a time
@@ -95,16 +95,20 @@ at::Tensor int4_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& s
   return times(x, W, n, K);
 }
 
-// int8 weights with one fp32 scale per row (scales (N,)) or one fp16 step per group of 32
-// (scales (N, K/32): a GGUF Q8_0 matrix as it is).
-at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales) {
+// int8 weights with one fp32 scale per row (w (N, K), scales (N,)) or one fp16 step per group of
+// 32 (a GGUF Q8_0 matrix as it is, in row tiles: w and scales (tile_padded(n), K) and (.., K/32);
+// n < 0: all the stored rows).
+at::Tensor int8_mm(const at::Tensor& x, const at::Tensor& w, const at::Tensor& scales, int64_t n) {
   TORCH_CHECK(w.scalar_type() == at::kChar && w.dim() == 2, "int8_mm: weights must be (N, K) int8");
-  const int64_t N = w.size(0), K = w.size(1);
+  const int64_t stored = w.size(0), K = w.size(1);
   check_x(x, K, "int8_mm");
   const bool groups = scales.dim() == 2;
-  TORCH_CHECK(groups ? scales.scalar_type() == at::kHalf && scales.size(0) == N && scales.size(1) == K / kGroup
-                     : scales.scalar_type() == at::kFloat && scales.numel() == N,
-              "int8_mm: the scales must be (N,) fp32 (one per row) or (N, K/32) fp16 (one per group)");
+  const int64_t N = n < 0 ? stored : n;
+  TORCH_CHECK(groups ? scales.scalar_type() == at::kHalf && scales.size(0) == stored && scales.size(1) == K / kGroup &&
+                           stored % kTile == 0 && N <= stored && tile_padded(N) == stored
+                     : scales.scalar_type() == at::kFloat && scales.numel() == stored && N == stored,
+              "int8_mm: the scales must be (N,) fp32 (one per row) or fp16 (N, K/32) in row tiles of ", kTile,
+              " rows (one per group; N rounded up to whole tiles, ", N, " rows of ", stored, ")");
   const at::Tensor wc = w.contiguous(), sc = scales.contiguous();
   Weights W;
   W.w = reinterpret_cast<const uint8_t*>(wc.data_ptr<int8_t>());
@@ -163,7 +167,7 @@ bool use_amx(int64_t on) {
 TORCH_LIBRARY(inhouse, m) {
   m.def("use_amx(int on=-1) -> bool", &use_amx);
   m.def("int4_mm(Tensor x, Tensor w, Tensor steps, Tensor mins, int n=-1) -> Tensor");
-  m.def("int8_mm(Tensor x, Tensor w, Tensor row_scales) -> Tensor");
+  m.def("int8_mm(Tensor x, Tensor w, Tensor row_scales, int n=-1) -> Tensor");
   m.def("int4_dequantize(Tensor w, Tensor steps, Tensor mins, bool fp32=False, int n=-1) -> Tensor");
 }
 

@@ -10,13 +10,16 @@
 //     its low nibble and of column 16 + 2u + h in its high one. Steps and mins fp16 in the same
 //     order: tile t, group g, row i at (t * G + g) * kTile + i. (A tile's output rows are then one
 //     vector, one int32 lane each: a group is converted and scaled once for kTile rows, whatever K.)
-//   int8 (N, K) in block order (`block_groups` below) with one fp32 scale per row, or one fp16 step
-//     per group of 32 (N, K/32).
+//   int8 with one fp16 step per group of 32 (GGUF Q8_0's form) in row tiles as well: tile t,
+//     group g is 32 * kTile bytes at w + (t * G + g) * 32 * kTile, 8 units u of 4 * kTile bytes,
+//     byte 2i + j of unit u holding row i's code of column 2u + j, byte 2 * kTile + 2i + j its code
+//     of column 16 + 2u + j; steps in the same order as the 4-bit ones.
+//   int8 (N, K) in block order (`block_groups` below) with one fp32 scale per row.
 // Activations: each row is quantized per group of 32 to int16 with its own scale (max|x| / 32639:
 //   finer than bf16; int8 here moved ~5% of SmolLM2's greedy tokens; 32639, not 32767, so that
 //   each value is two int8 for the AMX kernel, amx.h); the mins term uses the
-//   exact fp32 group sums of x. The 4-bit kernel reads them in column order, the int8 ones in
-//   block order (`quantize_row` writes either or both).
+//   exact fp32 group sums of x. The row-tile kernels read them in column order, the int8 kernel
+//   with row scales in block order (`quantize_row` writes either or both).
 // y[m, n] = sum_g step[n,g] * xs[m,g] * sum_{k in g} code[n,k] * xq[m,k] + sum_g min[n,g] * xsum[m,g]
 //
 // Each output element is computed the same way whatever the number of rows is (integer dot
@@ -161,28 +164,31 @@ inline void quantize_row(const float* x, int64_t K, int64_t M, int64_t b, int16_
 // The weight formats of the row kernels (see the top of this file):
 //   int4:        4-bit codes in row tiles, fp16 step and min per group of 32 (Int4Linear; GGUF Q4_0/Q4_1);
 //   int8_rows:   int8, one fp32 scale per row (Int8Linear);
-//   int8_groups: int8, one fp16 step per group of 32 (Int8Linear of a GGUF Q8_0 matrix, exact).
+//   int8_groups: int8 codes in row tiles, one fp16 step per group of 32 (Int8Linear of a GGUF Q8_0
+//                matrix, exact).
 enum class Fmt { int4, int8_rows, int8_groups };
 
-constexpr int64_t kTile = simd::kLanes;               // 4-bit weight rows per tile
-constexpr int64_t kTileGroupBytes = 16 * kTile;        // a tile's codes of one group
-inline int64_t tile_padded(int64_t N) { return (N + kTile - 1) / kTile * kTile; }  // rows a 4-bit matrix stores
+constexpr int64_t kTile = simd::kLanes;               // weight rows per tile
+constexpr int64_t kTileGroupBytes = 16 * kTile;        // a 4-bit tile's codes of one group
+inline int64_t tile_padded(int64_t N) { return (N + kTile - 1) / kTile * kTile; }  // rows a row-tile matrix stores
+constexpr bool row_tiles(Fmt f) { return f != Fmt::int8_rows; }
+constexpr int64_t tile_group_bytes(Fmt f) { return f == Fmt::int4 ? kTileGroupBytes : 2 * kTileGroupBytes; }
 
-// A quantized (N, K) matrix in the native layout: int8 row n's codes at w + n * K; a 4-bit matrix
-// is tile_padded(N) rows of K / 2 bytes in row tiles (the top of this file).
+// A quantized (N, K) matrix in the native layout: int8 row n's codes at w + n * K (row scales); a
+// row-tile matrix is tile_padded(N) rows of K / 2 (4-bit) or K (int8) bytes (the top of this file).
 struct Weights {
   Fmt fmt = Fmt::int4;
   const uint8_t* w = nullptr;
-  const uint16_t* steps = nullptr;   // fp16, int4 (row tiles), int8_groups ((N, K/32))
+  const uint16_t* steps = nullptr;   // fp16, int4 and int8_groups (row tiles)
   const uint16_t* mins = nullptr;    // fp16, int4 (row tiles)
   const float* row_scales = nullptr; // (N,): int8_rows
   int64_t row_bytes(int64_t K) const { return fmt == Fmt::int4 ? K / 2 : K; }
 };
 
-// Activations of M rows as the kernels read them (`quantize_row`): `blocks` (the int8 kernels'
-// order, M x K), `plain` (column order, row m at plain + m * K: the 4-bit kernel's), group scales
+// Activations of M rows as the kernels read them (`quantize_row`): `blocks` (the row-scale int8
+// kernel's order, M x K), `plain` (column order, row m at plain + m * K: the row-tile kernel's), group scales
 // and sums (M x G16); `amx`: `plain` as the AMX kernel's passes (amx.h `amx_blocks`), or null
-// (then the 4-bit kernel is `int4_tile`).
+// (then the 4-bit kernel is `row_tile`).
 struct Acts {
   const int16_t* blocks;
   const int16_t* plain;
@@ -191,25 +197,28 @@ struct Acts {
   int64_t K, G16, M;
   const int8_t* amx = nullptr;
 };
-// The 4-bit kernels' steps per group (`int4_tile` and amx.h's `int4_tile_amx` share them, so that
-// their results agree bit for bit). A tile's group (kTileGroupBytes at wg) is read from memory
-// once per token: ask for it well ahead.
-inline void prefetch_tile_group(const uint8_t* wg) {
-  for (int off = 0; off < kTileGroupBytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(wg + off + kPrefetch), _MM_HINT_T0);
+// The row-tile kernels' steps per group (`row_tile` and amx.h's `int4_tile_amx` share them, so
+// that their results agree bit for bit). A tile's group (`bytes` at wg) is read from memory once
+// per token: ask for it well ahead.
+inline void prefetch_tile_group(const uint8_t* wg, int64_t bytes) {
+  for (int off = 0; off < bytes; off += 64) _mm_prefetch(reinterpret_cast<const char*>(wg + off + kPrefetch), _MM_HINT_T0);
 }
 
 // Group g of a tile (steps st, mins mn: the tile's first) for R activation rows: dd[r] the group's
 // integer dot products, converted and scaled (the weights' steps times the activations' scale),
-// then the mins term (the weights' mins times the exact group sums of x) added.
-template <int R>
-__attribute__((always_inline)) inline void int4_scale_group(const simd::vd* dd, const uint16_t* st, const uint16_t* mn, const float* xs,
+// then, for 4-bit weights (kMins), the mins term (the weights' mins times the exact group sums of
+// x) added.
+template <int R, bool kMins>
+__attribute__((always_inline)) inline void scale_tile_group(const simd::vd* dd, const uint16_t* st, const uint16_t* mn, const float* xs,
                                                             const float* xsum, int64_t G16, int64_t g, simd::vq* acc) {
   using namespace simd;
-  const vq sv = load_half_lanes_n(st + g * kTile, kTile), mv = load_half_lanes_n(mn + g * kTile, kTile);
+  const vq sv = load_half_lanes_n(st + g * kTile, kTile);
 #pragma GCC unroll 8
-  for (int r = 0; r < R; ++r) {
-    acc[r] = q_fmadd(dot_float(dd[r]), q_mul(sv, q_set1(xs[r * G16 + g])), acc[r]);
-    acc[r] = q_fmadd(mv, q_set1(xsum[r * G16 + g]), acc[r]);
+  for (int r = 0; r < R; ++r) acc[r] = q_fmadd(dot_float(dd[r]), q_mul(sv, q_set1(xs[r * G16 + g])), acc[r]);
+  if constexpr (kMins) {
+    const vq mv = load_half_lanes_n(mn + g * kTile, kTile);
+#pragma GCC unroll 8
+    for (int r = 0; r < R; ++r) acc[r] = q_fmadd(mv, q_set1(xsum[r * G16 + g]), acc[r]);
   }
 }
 
@@ -220,7 +229,7 @@ __attribute__((always_inline)) inline void int4_scale_group(const simd::vd* dd, 
 namespace inhouse_kernels {
 
 // M rows of int16 activations (column order) as the AMX kernel's passes, in `buf`; null where
-// int4_tile serves them (fewer than kAmxMinRows rows, a build or a process without AMX).
+// row_tile serves them (fewer than kAmxMinRows rows, a build or a process without AMX).
 inline const int8_t* amx_acts(const int16_t* plain, int64_t K, int64_t M, AlignedVector<int8_t>& buf) {
 #ifdef INHOUSE_AMX
   if (M >= kAmxMinRows && amx_ready()) {
@@ -319,30 +328,23 @@ inline void reduce_outputs(const simd::vq (*lanes)[R], int64_t nn, const float* 
   }
 }
 
-// The int8 row kernel: output rows [n0, n1) (at most 16) of W for the R activation rows m.. of M
-// (xq: all M rows in block order, `quantize_row`; xs and out: the tile's first row). kPassRows
-// weight rows are computed side by side (each activation load serves all of them); a block's dot
-// products are converted and scaled at once (per group: the weights' step, if any, times the
-// activations' scale), and each output's lanes are summed at the end. A lone last weight row is
-// computed twice.
-template <Fmt F, int R>
+// The int8 row kernel (one scale per row): output rows [n0, n1) (at most 16) of W for the R
+// activation rows m.. of M (xq: all M rows in block order, `quantize_row`; xs and out: the tile's
+// first row). kPassRows weight rows are computed side by side (each activation load serves all of
+// them); a block's dot products are converted and scaled at once (per group: the activations'
+// scale), and each output's lanes are summed at the end, times the row's scale. A lone last weight
+// row is computed twice.
+template <int R>
 void rows_times(int64_t n0, int64_t n1, int64_t K, const Weights& W, const int16_t* xq, int64_t M, int64_t m,
                 const float* xs, int64_t G16, float* out, int64_t ldo) {
   using namespace simd;
-  static_assert(F != Fmt::int4, "4-bit weights are row tiles: int4_tile");
   constexpr int NB = R == 1 ? 1 : kPassRows;  // one row at a time is memory-bound: a pair only adds overhead
   constexpr int S = R > 2 ? 1 : 2;  // dot-product chains per output and row (few rows need two to hide latency)
-  constexpr bool kSteps = F == Fmt::int8_groups;
   const int64_t G = K / kGroup;
   vq lanes[16][R];
   for (int64_t n = n0; n < n1; n += NB) {
     const uint8_t* wr[NB];
-    const uint16_t* sr[NB];
-    for (int j = 0; j < NB; ++j) {
-      const int64_t nj = std::min(n + j, n1 - 1);
-      wr[j] = W.w + nj * K;
-      if constexpr (kSteps) sr[j] = W.steps + nj * G;
-    }
+    for (int j = 0; j < NB; ++j) wr[j] = W.w + std::min(n + j, n1 - 1) * K;
     vq acc[NB][R];
     for (int j = 0; j < NB; ++j)
       for (int r = 0; r < R; ++r) acc[j][r] = q_zero();
@@ -356,43 +358,44 @@ void rows_times(int64_t n0, int64_t n1, int64_t K, const Weights& W, const int16
       }
       vd d[NB][R];
       with_block(P, [&](auto p) { block_dots<R, NB, S, decltype(p)::value>(wb, xq + (g0 * M + m * P) * kGroup, d); });
-      vq st[NB];
-      if constexpr (kSteps)
-        for (int j = 0; j < NB; ++j) st[j] = spread(load_half_lanes_n(sr[j] + g0, P), P);
       for (int r = 0; r < R; ++r) {
         const vq xv = spread(load_lanes_n(xs + r * G16 + g0, P), P);
-        for (int j = 0; j < NB; ++j) acc[j][r] = q_fmadd(dot_float(d[j][r]), kSteps ? q_mul(st[j], xv) : xv, acc[j][r]);
+        for (int j = 0; j < NB; ++j) acc[j][r] = q_fmadd(dot_float(d[j][r]), xv, acc[j][r]);
       }
       g0 += P;
     }
     for (int j = 0; j < NB && n + j < n1; ++j)
       for (int r = 0; r < R; ++r) lanes[n + j - n0][r] = acc[j][r];
   }
-  reduce_outputs<R>(lanes, n1 - n0, F == Fmt::int8_rows ? W.row_scales + n0 : nullptr, out + n0, ldo);
+  reduce_outputs<R>(lanes, n1 - n0, W.row_scales + n0, out + n0, ldo);
 }
 
-// The 4-bit kernel: the tile of output rows [n0, n0 + kTile) (n0 a multiple of kTile) for R
-// activation rows (xp: the first one's K int16 in column order, the next K further on; xs, xsum:
-// its group scales and sums, the next G16 further on); writes the first nn of them (fewer in a
-// padded last tile) to out[r * ldo + n0 ..]. Per group: each unit's two column pairs of all the
-// tile's rows are one vector of codes, multiplied by the activations' pair (broadcast) in one
-// integer dot product per activation row; the group's sums are converted and scaled once for the
-// whole tile (the weights' steps times the activations' scale), then the mins term (the weights'
-// mins times the exact group sums of x) is added, the groups in order.
-template <int R>
-void int4_tile(int64_t n0, int64_t nn, int64_t K, const Weights& W, const int16_t* xp, const float* xs,
-               const float* xsum, int64_t G16, float* out, int64_t ldo) {
+// The row-tile kernel (4-bit weights, or int8 with group steps): the tile of output rows [n0, n0 +
+// kTile) (n0 a multiple of kTile) for R activation rows (xp: the first one's K int16 in column
+// order, the next K further on; xs, xsum: its group scales and sums, the next G16 further on);
+// writes the first nn of them (fewer in a padded last tile) to out[r * ldo + n0 ..]. Per group:
+// each unit's two column pairs of all the tile's rows are one vector of codes, multiplied by the
+// activations' pair (broadcast) in one integer dot product per activation row; the group's sums
+// are converted and scaled once for the whole tile (the weights' steps times the activations'
+// scale), then for 4-bit weights the mins term (the weights' mins times the exact group sums of
+// x) is added, the groups in order.
+template <Fmt F, int R>
+void row_tile(int64_t n0, int64_t nn, int64_t K, const Weights& W, const int16_t* xp, const float* xs,
+              const float* xsum, int64_t G16, float* out, int64_t ldo) {
   using namespace simd;
+  static_assert(row_tiles(F), "int8 weights with row scales: rows_times");
+  constexpr bool k4 = F == Fmt::int4;
+  constexpr int64_t kBytes = tile_group_bytes(F);
   constexpr int S = R > 2 ? 1 : 2;  // dot-product chains per row (few rows need two to hide latency)
   const int64_t G = K / kGroup, t = n0 / kTile;
-  const uint8_t* w = W.w + t * G * kTileGroupBytes;
+  const uint8_t* w = W.w + t * G * kBytes;
   const uint16_t* st = W.steps + t * G * kTile;
-  const uint16_t* mn = W.mins + t * G * kTile;
+  const uint16_t* mn = k4 ? W.mins + t * G * kTile : nullptr;
   vq acc[R];
   for (int r = 0; r < R; ++r) acc[r] = q_zero();
   for (int64_t g = 0; g < G; ++g) {
-    const uint8_t* wg = w + g * kTileGroupBytes;
-    prefetch_tile_group(wg);
+    const uint8_t* wg = w + g * kBytes;
+    prefetch_tile_group(wg, kBytes);
     const int16_t* xg = xp + g * kGroup;
     vd d[R][S];
     for (int r = 0; r < R; ++r)
@@ -400,7 +403,8 @@ void int4_tile(int64_t n0, int64_t nn, int64_t K, const Weights& W, const int16_
 #pragma GCC unroll 8
     for (int u = 0; u < 8; ++u) {
       vr c0, c1;
-      tile_codes(wg + u * 2 * kTile, c0, c1);
+      if constexpr (k4) tile_codes(wg + u * 2 * kTile, c0, c1);
+      else tile_codes8(wg + u * 4 * kTile, c0, c1);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
         d[r][0] = tile_dot(d[r][0], c0, xg + r * K + 2 * u);
@@ -410,7 +414,7 @@ void int4_tile(int64_t n0, int64_t nn, int64_t K, const Weights& W, const int16_
     vd dd[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) dd[r] = S == 2 ? dot_add(d[r][0], d[r][S - 1]) : d[r][0];
-    int4_scale_group<R>(dd, st, mn, xs, xsum, G16, g, acc);
+    scale_tile_group<R, k4>(dd, st, mn, xs, xsum, G16, g, acc);
   }
   for (int r = 0; r < R; ++r) store_lanes_n(out + r * ldo + n0, acc[r], nn);
 }
@@ -420,13 +424,13 @@ void int4_tile(int64_t n0, int64_t nn, int64_t K, const Weights& W, const int16_
 template <Fmt F>
 inline void tile_for(int64_t R, int64_t n0, int64_t n1, const Acts& a, int64_t m, const Weights& W, float* out, int64_t ldo) {
   const float* xs = a.scales + m * a.G16;
-  if constexpr (F == Fmt::int4) {
+  if constexpr (row_tiles(F)) {
     const float* xsum = a.sums + m * a.G16;
     const int16_t* xp = a.plain + m * a.K;
     for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
       const int64_t nn = std::min(kTile, n1 - t0);
 #ifdef INHOUSE_AMX
-      if (a.amx != nullptr) {
+      if (F == Fmt::int4 && a.amx != nullptr) {
         const int8_t* A = a.amx + (m / kTileRows) * 16 * a.K;
         switch (R) {
 #define INHOUSE_TILE(R) case R: int4_tile_amx<R>(t0, nn, a.K, W, A, xs, xsum, a.G16, out, ldo); break;
@@ -438,18 +442,18 @@ inline void tile_for(int64_t R, int64_t n0, int64_t n1, const Acts& a, int64_t m
       }
 #endif
       switch (R) {
-#define INHOUSE_TILE(R) case R: int4_tile<R>(t0, nn, a.K, W, xp, xs, xsum, a.G16, out, ldo); break;
+#define INHOUSE_TILE(R) case R: row_tile<F, R>(t0, nn, a.K, W, xp, xs, xsum, a.G16, out, ldo); break;
         INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
 #undef INHOUSE_TILE
-        default: int4_tile<1>(t0, nn, a.K, W, xp, xs, xsum, a.G16, out, ldo); break;
+        default: row_tile<F, 1>(t0, nn, a.K, W, xp, xs, xsum, a.G16, out, ldo); break;
       }
     }
   } else {
     switch (R) {
-#define INHOUSE_TILE(R) case R: rows_times<F, R>(n0, n1, a.K, W, a.blocks, a.M, m, xs, a.G16, out, ldo); break;
+#define INHOUSE_TILE(R) case R: rows_times<R>(n0, n1, a.K, W, a.blocks, a.M, m, xs, a.G16, out, ldo); break;
       INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
 #undef INHOUSE_TILE
-      default: rows_times<F, 1>(n0, n1, a.K, W, a.blocks, a.M, m, xs, a.G16, out, ldo); break;
+      default: rows_times<1>(n0, n1, a.K, W, a.blocks, a.M, m, xs, a.G16, out, ldo); break;
     }
   }
 }
@@ -463,70 +467,40 @@ inline void tile(int64_t R, int64_t n0, int64_t n1, const Acts& a, int64_t m, co
   }
 }
 
-// The codes of the block of P groups at g0 of an int8 row as int16, in column order: codes[i * 32
-// + k] is column k of group g0 + i.
-inline void block_codes(const uint8_t* w, int64_t g0, int P, int16_t* codes) {
-  const uint8_t* wb = w + g0 * kGroup;
-#ifdef INHOUSE_SIMD_TRANSPOSE16
-  if (P == 16) {  // the chunks as int16 (in order on AVX-512), transposed back into groups
-    __m512i r[16];
-    for (int u = 0; u < 8; ++u) chunk_pair(wb, u, r[2 * u], r[2 * u + 1]);
-    simd::transpose16(r);
-    for (int i = 0; i < 16; ++i) _mm512_storeu_si512(codes + i * kGroup, r[i]);
-    return;
-  }
-#endif
-  alignas(64) int16_t chunks[simd::kLanes * kGroup];  // the block's chunks, in place order
-  for (int u = 0; u < P / 2; ++u) {
-    for (int j = 0; j < 32; ++j) {
-      chunks[64 * u + j] = static_cast<int8_t>(wb[64 * u + j]);
-      chunks[64 * u + 32 + j] = static_cast<int8_t>(wb[64 * u + 32 + j]);
-    }
-  }
-  const int wd = static_cast<int>(kGroup) / P;
-  for (int i = 0; i < P; ++i)
-    for (int c = 0; c < P; ++c)
-      for (int k = 0; k < wd; ++k) codes[i * kGroup + c * wd + k] = chunks[c * kGroup + i * wd + k];
-}
-
 // Row n of W (int4 or int8_groups) in fp32, the file's values: code * step + min per element for
 // int4 (a multiply then an add, as PyTorch's ops and inhouse.model.quant.int4_rows compute it),
 // code * step for int8 (ggml's Q8_0): `put(g, f0, f1)` receives group g's columns 0-15 and 16-31.
 template <typename Put>
 inline void row_values(const Weights& W, int64_t n, int64_t K, const Put& put) {
   using namespace simd;
-  const int64_t G = K / kGroup;
-  alignas(64) int16_t codes[kLanes * kGroup];
-  if (W.fmt == Fmt::int4) {  // row i of tile t: bytes 2i, 2i + 1 of each unit of each group
-    const int64_t t = n / kTile, i = n % kTile;
-    const uint8_t* w = W.w + t * G * kTileGroupBytes + 2 * i;
-    const uint16_t* st = W.steps + t * G * kTile + i;
-    const uint16_t* mn = W.mins + t * G * kTile + i;
-    for (int64_t g = 0; g < G; ++g) {
-      const uint8_t* wg = w + g * kTileGroupBytes;
-      for (int u = 0; u < 8; ++u) {
-        for (int h = 0; h < 2; ++h) {
-          const uint8_t b = wg[u * 2 * kTile + h];
-          codes[2 * u + h] = b & 15;
-          codes[16 + 2 * u + h] = b >> 4;
+  const int64_t G = K / kGroup, t = n / kTile, i = n % kTile, bytes = tile_group_bytes(W.fmt);
+  const bool k4 = W.fmt == Fmt::int4;  // otherwise int8_groups (rows with one scale have no group values: callers never ask)
+  const uint8_t* w = W.w + t * G * bytes + 2 * i;  // row i of tile t: bytes 2i, 2i + 1 of each unit (and half unit) of each group
+  const uint16_t* st = W.steps + t * G * kTile + i;
+  const uint16_t* mn = k4 ? W.mins + t * G * kTile + i : nullptr;
+  alignas(64) int16_t codes[kGroup];
+  for (int64_t g = 0; g < G; ++g) {
+    const uint8_t* wg = w + g * bytes;
+    for (int u = 0; u < 8; ++u) {
+      for (int j = 0; j < 2; ++j) {
+        if (k4) {
+          const uint8_t b = wg[u * 2 * kTile + j];
+          codes[2 * u + j] = b & 15;
+          codes[16 + 2 * u + j] = b >> 4;
+        } else {
+          codes[2 * u + j] = static_cast<int8_t>(wg[u * 4 * kTile + j]);
+          codes[16 + 2 * u + j] = static_cast<int8_t>(wg[u * 4 * kTile + 2 * kTile + j]);
         }
       }
-      const vf s = set1(_cvtsh_ss(st[g * kTile])), mv = set1(_cvtsh_ss(mn[g * kTile]));
-      put(g, add(mul(to_float(i16_to_i32(codes)), s), mv), add(mul(to_float(i16_to_i32(codes + 16)), s), mv));
     }
-    return;
-  }
-  // int8_groups (rows with one scale have no group values: callers never ask)
-  const uint8_t* w = W.w + n * K;
-  const uint16_t* steps = W.steps + n * G;
-  for (int64_t g0 = 0; g0 < G;) {
-    const int P = block_groups(G, g0);
-    block_codes(w, g0, P, codes);
-    for (int i = 0; i < P; ++i) {
-      const vf s = set1(_cvtsh_ss(steps[g0 + i]));
-      put(g0 + i, mul(to_float(i16_to_i32(codes + i * kGroup)), s), mul(to_float(i16_to_i32(codes + i * kGroup + 16)), s));
+    const vf s = set1(_cvtsh_ss(st[g * kTile]));
+    const vf f0 = mul(to_float(i16_to_i32(codes)), s), f1 = mul(to_float(i16_to_i32(codes + 16)), s);
+    if (k4) {
+      const vf mv = set1(_cvtsh_ss(mn[g * kTile]));
+      put(g, add(f0, mv), add(f1, mv));
+    } else {
+      put(g, f0, f1);
     }
-    g0 += P;
   }
 }
 

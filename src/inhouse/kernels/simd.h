@@ -130,6 +130,12 @@ inline vd tile_dot(vd acc, vr c, const int16_t* x) {
   std::memcpy(&pair, x, 4);
   return _mm512_dpwssd_epi32(acc, c, _mm512_set1_epi32(pair));
 }
+// int8 row tiles: `tile_codes8` reads 4 * kLanes bytes (the rows' column pairs, then the pairs of
+// the columns 16 further, 2 bytes per row each) as the same two vectors of code pairs.
+inline void tile_codes8(const uint8_t* p, vr& lo, vr& hi) {
+  lo = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p)));
+  hi = _mm512_cvtepi8_epi16(_mm256_loadu_si256(reinterpret_cast<const __m256i*>(p + 32)));
+}
 // Lane l <- v[l * P / kLanes]: the scales of a block of P groups (P = 2, 4, 8, 16) over its lanes.
 __attribute__((always_inline)) inline vq spread(vq v, int P) {
   switch (P) {
@@ -374,6 +380,10 @@ inline vd tile_dot(vd acc, vr c, const int16_t* x) {
   int32_t pair;
   std::memcpy(&pair, x, 4);
   return _mm256_add_epi32(acc, _mm256_madd_epi16(c, _mm256_set1_epi32(pair)));
+}
+inline void tile_codes8(const uint8_t* p, vr& lo, vr& hi) {
+  lo = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p)));
+  hi = _mm256_cvtepi8_epi16(_mm_loadu_si128(reinterpret_cast<const __m128i*>(p + 16)));
 }
 __attribute__((always_inline)) inline vq spread(vq v, int P) {
   switch (P) {

@@ -96,7 +96,8 @@ def native_lanes() -> int:
 
 def native_order(k: int, lanes: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
     """The column order of the native kernels' 8-bit weights for rows of `k` columns, and its inverse
-    (4-bit weights are stored in row tiles instead: `pack_int4_tiles`).
+    with one scale per row (4-bit weights and int8 ones with group steps are stored in row tiles
+    instead: `pack_int4_tiles`, `pack_int8_tiles`).
 
     Groups of 32 columns are taken `lanes` at a time (a block; default `native_lanes`), the rest in
     blocks of lanes/2, lanes/4, ... down to 2. A block of P groups is stored as P chunks of 32,
@@ -150,14 +151,47 @@ def pack_int4_tiles(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor
     if padded > n:
         b = torch.cat((b, b.new_zeros(padded - n, g, 16)))
     packed = b.view(padded // rows, rows, g, 8, 2).permute(0, 2, 3, 1, 4).contiguous().view(padded, k // 2)
+    return packed, _padded_tiles(steps, n, padded, rows), _padded_tiles(mins, n, padded, rows)
 
-    def tiles(v: torch.Tensor) -> torch.Tensor:
-        v = v.to(torch.float16)
-        if padded > n:
-            v = torch.cat((v, v.new_zeros(padded - n, g)))
-        return v.view(padded // rows, rows, g).transpose(1, 2).contiguous().view(padded, g)
 
-    return packed, tiles(steps), tiles(mins)
+def _padded_tiles(v: torch.Tensor, n: int, padded: int, rows: int) -> torch.Tensor:
+    """(n, G) per-group values -> (padded, G) fp16 in row-tile order (tile, group, row)."""
+    g = v.shape[1]
+    v = v.to(torch.float16)
+    if padded > n:
+        v = torch.cat((v, v.new_zeros(padded - n, g)))
+    return v.view(padded // rows, rows, g).transpose(1, 2).contiguous().view(padded, g)
+
+
+def pack_int8_tiles(codes: torch.Tensor, steps: torch.Tensor,
+                    rows: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """(N, K) int8 codes with (N, K/32) steps (a GGUF Q8_0 matrix) -> the native kernels' row tiles.
+
+    As `pack_int4_tiles`, `rows` weight rows side by side (default `int4_tile_rows`), N padded with
+    zero rows; tile t, group g is 8 units of 4 * rows bytes: byte 2i + j of unit u is row i's code
+    of column 2u + j, byte 2 * rows + 2i + j its code of column 16 + 2u + j (the two vectors of code
+    pairs the row-tile kernel multiplies, inhouse/kernels/quant_cpu.h); steps in the tile/group/row
+    order. Returns (N', K) int8 and (N', K/32) fp16, N' = N rounded up.
+    """
+    n, k = codes.shape
+    rows, g = rows or int4_tile_rows(), k // INT4_GROUP
+    padded = -(-n // rows) * rows
+    c = codes if padded == n else torch.cat((codes, codes.new_zeros(padded - n, k)))
+    # column 16h + 2u + j of row i (tile t) -> (t, group, u, h, i, j)
+    packed = c.view(padded // rows, rows, g, 2, 8, 2).permute(0, 2, 4, 3, 1, 5).contiguous().view(padded, k)
+    return packed, _padded_tiles(steps, n, padded, rows)
+
+
+def int8_tile_parts(packed: torch.Tensor, steps: torch.Tensor, idx: torch.Tensor,
+                    rows: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Rows `idx` ((n,) int64) of an int8 matrix in row tiles (`pack_int8_tiles`): codes (n, K) int8
+    and steps (n, K/32) fp16, read without unpacking the other rows."""
+    rows = rows or int4_tile_rows()
+    padded, k = packed.shape
+    g, t, i = k // INT4_GROUP, idx // rows, idx % rows
+    b = packed.view(padded // rows, g, 8, 2, rows, 2)[t, :, :, :, i, :]  # (n, G, u, h, j)
+    codes = b.permute(0, 1, 3, 2, 4).reshape(-1, k)
+    return codes, steps.view(padded // rows, g, rows)[t, :, i]
 
 
 def int4_tile_parts(packed: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor, idx: torch.Tensor,
@@ -238,8 +272,9 @@ class Int8Linear(nn.Module):
     """``y = x @ (q * scale).T`` with int8 `q` (N, K) and one `scale` per output row (N,); no bias.
 
     The group form (``groups=True``, built by `from_codes` from a GGUF Q8_0 matrix) has one fp16
-    step per group of 32 inputs instead, ``scales`` (N, K/32): the file's values exactly. It needs
-    the native kernel.
+    step per group of 32 inputs instead: the file's values exactly. It needs the native kernel and
+    is stored in its row tiles (`pack_int8_tiles`): `weight_int8` and ``scales`` (N', K) and (N',
+    K/32), N' = N rounded up to whole tiles.
 
     With the native kernel (``native``: AVX-512 VNNI or AVX2, K a multiple of 64) `weight_int8` is in
     the kernels' column order (`native_order`), the scales are fp32, and decode rows and prompt chunks of up to `small_batch` rows run ``torch.ops.inhouse.int8_mm`` (activations as int16
@@ -260,13 +295,12 @@ class Int8Linear(nn.Module):
         super().__init__()
         self.in_features, self.out_features, self.groups = in_features, out_features, groups
         self.native = _native_choice(True if groups else native, in_features)
-        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
         if groups:
-            self.register_buffer("scales", torch.ones(out_features, in_features // INT4_GROUP, dtype=torch.float16,
-                                                      device=device))
-        else:
-            self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32 if self.native else torch.bfloat16,
-                                                      device=device))
+            _register_int8_tiles(self, out_features, in_features, device)
+            return
+        self.register_buffer("weight_int8", torch.zeros(out_features, in_features, dtype=torch.int8, device=device))
+        self.register_buffer("scales", torch.ones(out_features, dtype=torch.float32 if self.native else torch.bfloat16,
+                                                  device=device))
 
     @classmethod
     def from_weight(cls, weight: torch.Tensor, native: Optional[bool] = None) -> "Int8Linear":
@@ -288,18 +322,18 @@ class Int8Linear(nn.Module):
         """
         n, k = codes.shape
         m = cls(k, n, device=torch.device("meta"), groups=True)
-        m.weight_int8 = codes.codes[:, native_order(k)[0]].contiguous()
-        m.scales = codes.steps.to(torch.float16).contiguous()
+        m.weight_int8, m.scales = pack_int8_tiles(codes.codes, codes.steps)
         return m
 
     def dequantized(self, dtype: torch.dtype = torch.bfloat16) -> torch.Tensor:
         """The (N, K) matrix the module multiplies by, in `dtype`."""
-        q = self.weight_int8[:, native_order(self.in_features)[1]] if self.native else self.weight_int8
         if self.groups:  # code * step in fp32 (the file's values), rounded once to `dtype`
-            out = torch.empty(q.shape, dtype=dtype, device=q.device)
-            for i in range(0, q.shape[0], 4096):  # in row blocks: no fp32 copy of a whole vocabulary
-                out[i:i + 4096] = int8_group_values(q[i:i + 4096], self.scales[i:i + 4096])
+            n = self.out_features
+            out = torch.empty(n, self.in_features, dtype=dtype, device=self.weight_int8.device)
+            for i in range(0, n, 4096):  # in row blocks: no fp32 copy of a whole vocabulary
+                out[i:i + 4096] = self.dequantized_rows(torch.arange(i, min(n, i + 4096)))
             return out
+        q = self.weight_int8[:, native_order(self.in_features)[1]] if self.native else self.weight_int8
         return q.to(dtype) * self.scales.to(dtype)[:, None]
 
     def dequantized_rows(self, idx: torch.Tensor) -> torch.Tensor:
@@ -317,7 +351,8 @@ class Int8Linear(nn.Module):
         x2 = x.reshape(-1, self.in_features)  # (M, K)
         small = _row_kernels(x, x2.shape[0], self.native)
         if small and self.native:
-            return torch.ops.inhouse.int8_mm(x2, self.weight_int8, self.scales).view(*shape[:-1], self.out_features)
+            return torch.ops.inhouse.int8_mm(x2, self.weight_int8, self.scales,
+                                             self.out_features).view(*shape[:-1], self.out_features)
         if small:
             y = torch._weight_int8pack_mm(x2.to(torch.bfloat16), self.weight_int8, self.scales)  # (M, N)
         else:  # prompt chunks: compute-bound
@@ -556,10 +591,17 @@ def _register_int4_tiles(m: nn.Module, n: int, k: int, device: Optional[torch.de
     m.register_buffer("mins", torch.zeros(padded, k // INT4_GROUP, dtype=torch.float16, device=device))
 
 
+def _register_int8_tiles(m: nn.Module, n: int, k: int, device: Optional[torch.device]) -> None:
+    """The (zero) buffers of an (n, k) int8 matrix with group steps in row tiles: ``weight_int8``, ``scales``."""
+    padded = -(-n // int4_tile_rows()) * int4_tile_rows()
+    m.register_buffer("weight_int8", torch.zeros(padded, k, dtype=torch.int8, device=device))
+    m.register_buffer("scales", torch.zeros(padded, k // INT4_GROUP, dtype=torch.float16, device=device))
+
+
 def int8_rows(weight_int8: torch.Tensor, steps: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-    """Rows `idx` ((n,) int64) of a native-layout int8 matrix with group steps (the group form of
+    """Rows `idx` ((n,) int64) of an int8 matrix with group steps in row tiles (the group form of
     `Int8Linear`: ``weight_int8``, ``scales``) in fp32: ``code * step`` per element."""
-    return int8_group_values(weight_int8[idx][:, native_order(weight_int8.shape[1])[1]], steps[idx])
+    return int8_group_values(*int8_tile_parts(weight_int8, steps, idx))
 
 
 class _FileRowsEmbedding(nn.Module):
@@ -647,9 +689,7 @@ class Int8Embedding(_FileRowsEmbedding):
     def __init__(self, num_embeddings: int, embedding_dim: int, dtype: torch.dtype = torch.bfloat16,
                  device: Optional[torch.device] = None):
         super().__init__(num_embeddings, embedding_dim, dtype)
-        self.register_buffer("weight_int8", torch.zeros(num_embeddings, embedding_dim, dtype=torch.int8, device=device))
-        self.register_buffer("scales", torch.zeros(num_embeddings, embedding_dim // INT4_GROUP, dtype=torch.float16,
-                                                   device=device))
+        _register_int8_tiles(self, num_embeddings, embedding_dim, device)
 
     @classmethod
     def from_linear(cls, table: "Int8Linear", dtype: torch.dtype) -> "Int8Embedding":
