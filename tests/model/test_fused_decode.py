@@ -85,12 +85,14 @@ def test_rows_do_not_depend_on_the_batch():
         assert torch.equal(alone[0], together[b])
 
 
-def test_amx_passes_change_no_bit():
-    """Eight sequences at once take the 4-bit kernel's AMX passes where the CPU has them (amx.h):
-    the same logits and cache entries as the vector kernel's."""
+@pytest.mark.parametrize("vocabulary", ["int4 model", "q8"])
+def test_amx_passes_change_no_bit(vocabulary):
+    """Eight sequences at once take the row-tile kernel's AMX passes where the CPU has them
+    (amx.h): the same logits and cache entries as the vector kernel's, also through a Q8_0
+    vocabulary (int8 row tiles, as SmolLM2's file)."""
     from inhouse.kernels import amx_passes
 
-    model = quantized_tiny("int4", seed=6)
+    model = quantized_tiny("int4", seed=6) if vocabulary == "int4 model" else tiny_with_file_vocabulary("q8", seed=6)[0]
     fused = FusedDecode(model)
     ids = torch.randint(0, model.args.vocab_size, (8, 6), generator=torch.Generator().manual_seed(7))
     try:

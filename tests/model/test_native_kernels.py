@@ -269,21 +269,26 @@ def test_instruction_set_choice(monkeypatch, flags, wanted, isa):
     assert cpu_isa(flags) == isa
 
 
-@pytest.mark.skipif(cpu_isa() != "avx512", reason="on this CPU the AVX2 build is the one every other test here runs")
-def test_the_avx2_build_passes_these_tests_too():
-    """The AVX2 build of the same sources, on an AVX-512 CPU, in a fresh process (one build per process)."""
+def passes_in_a_fresh_process(env: dict, select: str) -> None:
+    """The tests here and the fused decode step's that `select` (-k) picks, in a fresh process with
+    `env` added (one kernel build per process): all pass, none skipped."""
     import os
     import subprocess
     import sys
     from pathlib import Path
 
     tests = Path(__file__).parent
-    env = dict(os.environ, INHOUSE_NATIVE_ISA="avx2")
     r = subprocess.run([sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", str(tests / "test_native_kernels.py"),
-                        str(tests / "test_fused_decode.py"), "-k", "not avx2_build_passes"],
-                       env=env, capture_output=True, text=True, timeout=1200, cwd=tests.parent.parent)
+                        str(tests / "test_fused_decode.py"), "-k", select],
+                       env=dict(os.environ, **env), capture_output=True, text=True, timeout=1200, cwd=tests.parent.parent)
     assert r.returncode == 0, r.stdout[-3000:] + r.stderr[-2000:]
     assert " passed" in r.stdout and " skipped" not in r.stdout.splitlines()[-1]
+
+
+@pytest.mark.skipif(cpu_isa() != "avx512", reason="on this CPU the AVX2 build is the one every other test here runs")
+def test_the_avx2_build_passes_these_tests_too():
+    """The AVX2 build of the same sources, on an AVX-512 CPU."""
+    passes_in_a_fresh_process({"INHOUSE_NATIVE_ISA": "avx2"}, "not avx2_build_passes and not emulated")
 
 
 def test_the_loaded_build_is_the_cpus():
@@ -309,18 +314,36 @@ def test_decode_rows_always_take_the_row_kernels(cls):
     torch.testing.assert_close(chunk, rows, rtol=2e-2, atol=2e-2 * rows.abs().max().item())
 
 
-def test_amx_passes_are_the_vector_kernels_results_bit_for_bit():
-    """On a CPU with AMX-INT8 (and an AVX-512 build), 4-bit passes of 4+ activation rows run on
-    tiles (inhouse/kernels/amx.h): exactly int4_tile's numbers, whatever the rows (outliers, sizes
-    that leave a partial pass or a padded weight tile), so batches still equal rows alone."""
-    from inhouse.kernels import _AMX, _cpu_flags, amx_passes
+def amx_expected() -> bool:
+    """Whether the kernels here have AMX passes: an AVX-512 build on a CPU with AMX-INT8, or one with
+    the tile instructions emulated (INHOUSE_NATIVE_AMX=emulate, `test_the_amx_kernels_pass_emulated`)."""
+    import os
 
-    expected = cpu_isa() == "avx512" and all(f in _cpu_flags() for f in _AMX[0])
+    from inhouse.kernels import _AMX, _cpu_flags
+
+    if cpu_isa() != "avx512" or os.environ.get("INHOUSE_NATIVE_AMX") == "0":
+        return False
+    return os.environ.get("INHOUSE_NATIVE_AMX") == "emulate" or all(f in _cpu_flags() for f in _AMX[0])
+
+
+@pytest.mark.parametrize("kind", ["int4", "int8 group steps"])
+def test_amx_passes_are_the_vector_kernels_results_bit_for_bit(kind):
+    """With AMX-INT8 (an AVX-512 build on a CPU that has it), row-tile passes of 4+ activation rows
+    run on tiles (inhouse/kernels/amx.h): exactly row_tile's numbers, whatever the rows (outliers,
+    sizes that leave a partial pass or a padded weight tile), so batches still equal rows alone."""
+    from inhouse.kernels import amx_passes
+    from inhouse.model.quant import Int8Codes
+
+    expected = amx_expected()
     assert amx_passes() == expected
     g = torch.Generator().manual_seed(11)
     try:
         for n, k in ((320, 128), (1536, 576), (576, 1536), (100, 64)):
-            lin = Int4Linear.from_weight(torch.randn(n, k, generator=g))
+            if kind == "int4":
+                lin = Int4Linear.from_weight(torch.randn(n, k, generator=g))
+            else:
+                codes = torch.randint(-128, 128, (n, k), generator=g, dtype=torch.int8)
+                lin = Int8Linear.from_codes(Int8Codes(codes, (torch.rand(n, k // 32, generator=g) * 0.01).half()))
             for m in (4, 5, 8, 11, 16):
                 outliers = torch.where(torch.rand(k, generator=g) < 0.02, 40.0, 1.0)
                 x = torch.randn(m, 1, k, generator=g) * outliers
@@ -334,3 +357,12 @@ def test_amx_passes_are_the_vector_kernels_results_bit_for_bit():
                 assert (vector.reshape(m, n).double() - ref).abs().max() < 1e-3 * ref.abs().max()  # int16 activations
     finally:
         amx_passes(True)
+
+
+@pytest.mark.skipif(cpu_isa() != "avx512", reason="the AMX kernels are part of the AVX-512 build only")
+def test_the_amx_kernels_pass_emulated():
+    """The AMX passes on any AVX-512 CPU: a build with the tile instructions in scalar code
+    (INHOUSE_NATIVE_AMX=emulate, inhouse/kernels/amx_emulate.h) in a fresh process, through the
+    tests above and the fused decode step's: the tile layouts are checked bit for bit even where
+    the CPU has no AMX."""
+    passes_in_a_fresh_process({"INHOUSE_NATIVE_AMX": "emulate"}, "amx and not emulated")

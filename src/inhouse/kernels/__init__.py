@@ -11,9 +11,11 @@ operations of simd.h, which compile for two instruction sets: AVX-512 (F, BW, VL
 recent Intel Xeons, AMD Zen 4 and later) and AVX2 with FMA and F16C (AMD Zen 2/3, most other
 x86-64 CPUs of the last decade). `native_isa` says which one this CPU gets;
 ``INHOUSE_NATIVE_ISA=avx2`` asks for the AVX2 build on an AVX-512 CPU (to test it there). Where the
-CPU also has AMX-INT8 (Intel Sapphire Rapids and later), the AVX-512 build adds amx.h: the 4-bit
-kernel on tile registers for batches of 4 or more rows, with exactly the vector kernel's results
-(`amx_passes`; ``INHOUSE_NATIVE_AMX=0`` builds without it).
+CPU also has AMX-INT8 (Intel Sapphire Rapids and later), the AVX-512 build adds amx.h: the
+row-tile kernel (4-bit weights, int8 with group steps) on tile registers for batches of 4 or more
+rows, with exactly the vector kernel's results (`amx_passes`; ``INHOUSE_NATIVE_AMX=0`` builds
+without it; ``INHOUSE_NATIVE_AMX=emulate`` builds it on any AVX-512 CPU with the tile instructions
+in scalar code, amx_emulate.h, for the tests).
 
 The library is built once per source/PyTorch/Python version into ``$INHOUSE_KERNEL_CACHE``
 (default ``~/.cache/inhouse/kernels``; about 10 s on two cores) and loaded from there
@@ -41,7 +43,7 @@ logger = logging.getLogger("inhouse.kernels")
 
 _HERE = Path(__file__).parent
 _SOURCES = [_HERE / "quant_cpu.cpp", _HERE / "decode_cpu.cpp"]
-_HEADERS = [_HERE / "quant_cpu.h", _HERE / "simd.h", _HERE / "amx.h"]
+_HEADERS = [_HERE / "quant_cpu.h", _HERE / "simd.h", _HERE / "amx.h", _HERE / "amx_emulate.h"]
 # Per instruction set (best first): the /proc/cpuinfo flags it needs and the compiler flags that select it in simd.h.
 ISAS = {
     "avx512": (("avx512f", "avx512bw", "avx512vl", "avx512_vnni", "avx512_bf16", "avx2", "f16c", "fma"),
@@ -122,8 +124,10 @@ def _why_not() -> Optional[str]:
 
 
 def _cflags(isa: str) -> list[str]:
-    amx = (isa == "avx512" and all(f in _cpu_flags() for f in _AMX[0]) and not _amx_failed
-           and os.environ.get("INHOUSE_NATIVE_AMX", "1") != "0")
+    wanted = os.environ.get("INHOUSE_NATIVE_AMX", "1")
+    if isa == "avx512" and wanted == "emulate":  # the tile instructions in scalar code (amx_emulate.h): tests only
+        return _BASE_CFLAGS + ISAS[isa][1] + ["-DINHOUSE_AMX_EMULATE"]
+    amx = isa == "avx512" and all(f in _cpu_flags() for f in _AMX[0]) and not _amx_failed and wanted != "0"
     return _BASE_CFLAGS + ISAS[isa][1] + (_AMX[1] if amx else [])
 
 
@@ -141,7 +145,7 @@ def native_isa() -> Optional[str]:
 
 
 def amx_passes(on: Optional[bool] = None) -> bool:
-    """Whether the 4-bit kernel computes passes of 4-8 activation rows on AMX tiles (results are the
+    """Whether the row-tile kernel computes passes of 4-8 activation rows on AMX tiles (results are the
     same bit for bit either way); `on` turns that off or on again first. False without the native
     kernels or without AMX (in the CPU, the build or what Linux grants the process)."""
     if not native_kernels_available():
@@ -215,8 +219,8 @@ def _register_fake() -> None:
         return x.new_empty((x.shape[0], w.shape[0] if n < 0 else n))
 
     @torch.library.register_fake("inhouse::int8_mm")
-    def _(x, w, row_scales):
-        return x.new_empty((x.shape[0], w.shape[0]))
+    def _(x, w, row_scales, n=-1):
+        return x.new_empty((x.shape[0], w.shape[0] if n < 0 else n))
 
     @torch.library.register_fake("inhouse::int4_dequantize")
     def _(w, steps, mins, fp32=False, n=-1):

@@ -1,5 +1,6 @@
-// The 4-bit kernel on AMX-INT8 tiles (Intel Sapphire Rapids and later), for passes of 4 to 8
-// activation rows: the same results as quant_cpu.h's `row_tile`, bit for bit.
+// The row-tile kernel (4-bit weights, int8 with group steps) on AMX-INT8 tiles (Intel Sapphire
+// Rapids and later), for passes of 4 to 8 activation rows: the same results as quant_cpu.h's
+// `row_tile`, bit for bit.
 //
 // `row_tile` spends one vpdpwssd (32 multiply-adds) per two columns, weight tile row and
 // activation row: at 8 activation rows that is the whole budget of a core's vector unit. A tile
@@ -16,21 +17,27 @@
 //     the pass's last are zero), the group's columns in the order the codes unpack to: place 4u + j
 //     holds column (2u, 2u + 1, 16 + 2u, 17 + 2u)[j] (`amx_blocks`);
 //   B (8 x 64 bytes): row u holds, for each weight row i, its codes of those four columns, one
-//     byte each: unit u of the tile's codes (quant_cpu.h) widened with one shift and one mask;
+//     byte each: unit u of the tile's codes (quant_cpu.h) widened with one shift and one mask
+//     (4-bit), or permuted by words (int8);
 //   C (16 x 16 int32) = A x B, stored and read back by the vector unit for the scaling.
 // Tiles alternate between two sets by group parity, codes are unpacked a group ahead and results
 // scaled two groups behind, so that the tile unit and the vector unit overlap.
 //
-// Compiled only with -mamx-tile -mamx-int8 (inhouse.kernels adds them where the CPU has AMX);
-// used only once the kernel asked Linux for the tile state (`amx_ready`).
+// Compiled only with -mamx-tile -mamx-int8 (inhouse.kernels adds them where the CPU has AMX), or
+// with INHOUSE_AMX_EMULATE (amx_emulate.h: the tile instructions in scalar code, for tests on any
+// AVX-512 CPU); used only once the kernel asked Linux for the tile state (`amx_ready`).
 
 #pragma once
 
-#if defined(__AMX_TILE__) && defined(__AMX_INT8__) && defined(INHOUSE_SIMD_AVX512)
+#if defined(INHOUSE_SIMD_AVX512) && ((defined(__AMX_TILE__) && defined(__AMX_INT8__)) || defined(INHOUSE_AMX_EMULATE))
 #define INHOUSE_AMX 1
 
 #include <sys/syscall.h>
 #include <unistd.h>
+
+#ifdef INHOUSE_AMX_EMULATE
+#include "amx_emulate.h"
+#endif
 
 #include <atomic>
 
@@ -46,8 +53,12 @@ inline std::atomic<int>& amx_state() {  // -1: not asked yet, 0: off, 1: on
 inline bool amx_ready() {
   int s = amx_state().load(std::memory_order_relaxed);
   if (s < 0) {
+#ifdef INHOUSE_AMX_EMULATE
+    s = 1;
+#else
     constexpr long kReqXcompPerm = 0x1023, kXfeatureXtiledata = 18;
     s = syscall(SYS_arch_prctl, kReqXcompPerm, kXfeatureXtiledata) == 0 ? 1 : 0;
+#endif
     amx_state().store(s, std::memory_order_relaxed);
   }
   return s == 1;
@@ -90,8 +101,8 @@ inline void amx_blocks(const int16_t* plain, int64_t K, int64_t M, int8_t* out) 
   }
 }
 
-// A group's codes (256 bytes of one tile) as B: unit u's 16 pairs of bytes (b0, b1) of weight row i
-// become the four bytes (b0 & 15, b1 & 15, b0 >> 4, b1 >> 4) of B's row u.
+// A group's 4-bit codes (256 bytes of one tile) as B: unit u's 16 pairs of bytes (b0, b1) of weight
+// row i become the four bytes (b0 & 15, b1 & 15, b0 >> 4, b1 >> 4) of B's row u.
 inline void amx_codes(const uint8_t* wg, uint8_t* B) {
   const __m512i nibbles = _mm512_set1_epi32(0x0F0F0F0F);
 #pragma GCC unroll 8
@@ -101,18 +112,32 @@ inline void amx_codes(const uint8_t* wg, uint8_t* B) {
   }
 }
 
-// `row_tile` (4-bit) on tiles: the tile of output rows [n0, n0 + 16) for R (<= 8) activation rows, A their
+// A group's int8 codes (512 bytes of one tile) as B: unit u holds weight row i's pair of columns
+// (2u, 2u + 1) at bytes 2i, 2i + 1 and of columns (16 + 2u, 17 + 2u) 32 bytes further: one word
+// permutation puts each row's four side by side.
+inline void amx_codes8(const uint8_t* wg, uint8_t* B) {
+  const __m512i order = _mm512_set_epi16(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8,
+                                         23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+#pragma GCC unroll 8
+  for (int u = 0; u < 8; ++u)
+    _mm512_store_si512(B + u * 64, _mm512_permutexvar_epi16(order, _mm512_loadu_si512(wg + u * 64)));
+}
+
+// `row_tile` on tiles: the tile of output rows [n0, n0 + 16) for R (<= 8) activation rows, A their
 // pass (`amx_blocks`), xs/xsum as there. The tile configuration must be loaded (`amx_configure`).
-template <int R>
-void int4_tile_amx(int64_t n0, int64_t nn, int64_t K, const Weights& W, const int8_t* A, const float* xs,
-                   const float* xsum, int64_t G16, float* out, int64_t ldo) {
+template <Fmt F, int R>
+void row_tile_amx(int64_t n0, int64_t nn, int64_t K, const Weights& W, const int8_t* A, const float* xs,
+                  const float* xsum, int64_t G16, float* out, int64_t ldo) {
   using namespace simd;
   static_assert(kTile == 16 && R <= 8, "AMX: 16 weight rows per tile, 8 activation rows per pass");
+  static_assert(row_tiles(F), "AMX: row tiles only");
+  constexpr bool k4 = F == Fmt::int4;
+  constexpr int64_t kBytes = tile_group_bytes(F);
   constexpr int kAhead = 1, kLag = 2, kRing = 4;
   const int64_t G = K / kGroup, t = n0 / kTile;
-  const uint8_t* w = W.w + t * G * kTileGroupBytes;
+  const uint8_t* w = W.w + t * G * kBytes;
   const uint16_t* st = W.steps + t * G * kTile;
-  const uint16_t* mn = W.mins + t * G * kTile;
+  const uint16_t* mn = k4 ? W.mins + t * G * kTile : nullptr;
   alignas(64) uint8_t codes[kRing][512];
   alignas(64) int32_t C[kRing][16 * 16];
   vq acc[R];
@@ -122,12 +147,13 @@ void int4_tile_amx(int64_t n0, int64_t nn, int64_t K, const Weights& W, const in
     vd dd[R];
 #pragma GCC unroll 8
     for (int r = 0; r < R; ++r) dd[r] = _mm512_add_epi32(_mm512_slli_epi32(_mm512_load_si512(c + 16 * r), 8), _mm512_load_si512(c + 16 * (8 + r)));
-    scale_tile_group<R, true>(dd, st, mn, xs, xsum, G16, g, acc);
+    scale_tile_group<R, k4>(dd, st, mn, xs, xsum, G16, g, acc);
   };
   auto unpack = [&](int64_t g) {
-    const uint8_t* wg = w + g * kTileGroupBytes;
-    prefetch_tile_group(wg, kTileGroupBytes);
-    amx_codes(wg, codes[g % kRing]);
+    const uint8_t* wg = w + g * kBytes;
+    prefetch_tile_group(wg, kBytes);
+    if constexpr (k4) amx_codes(wg, codes[g % kRing]);
+    else amx_codes8(wg, codes[g % kRing]);
   };
   for (int64_t g = 0; g < std::min<int64_t>(kAhead, G); ++g) unpack(g);
   for (int64_t g = 0; g < G; ++g) {

@@ -483,17 +483,14 @@ class FusedDecoder : public torch::CustomClassHolder {
       Scratch& sc = scratch_[t];
       // M rows of K (stride K) quantized in the orders the kernels of `fmts` read (`Acts`)
       auto quantize = [&](const float* x, int64_t K, int64_t M, std::initializer_list<Fmt> fmts) -> Acts {
-        bool blocks = false, plain = false, four = false;
-        for (const Fmt f : fmts) {
-          (row_tiles(f) ? plain : blocks) = true;
-          four = four || f == Fmt::int4;
-        }
+        bool blocks = false, plain = false;
+        for (const Fmt f : fmts) (row_tiles(f) ? plain : blocks) = true;
         for (int64_t b = 0; b < M; ++b) {
           quantize_row(x + b * K, K, M, b, blocks ? sc.q.data() : nullptr, sc.scales.data() + b * g16, sc.sums.data() + b * g16,
                        plain ? sc.p.data() + b * K : nullptr);
         }
         return Acts{sc.q.data(), sc.p.data(), sc.scales.data(), sc.sums.data(), K, g16, M,
-                    four ? amx_acts(sc.p.data(), K, M, sc.amx) : nullptr};
+                    plain ? amx_acts(sc.p.data(), K, M, sc.amx) : nullptr};
       };
       auto norm_and_quantize = [&](const float* w, std::initializer_list<Fmt> fmts) -> Acts {
         for (int64_t b = 0; b < B; ++b) rms_norm(h_.data() + b * D_, w, D_, eps_, sc.xn.data() + b * D_);

@@ -33,7 +33,7 @@ Acts quantize_rows(const at::Tensor& x, Fmt fmt) {
                  plain ? xq.data() + m * K : nullptr);
   }
   return {plain ? nullptr : xq.data(), plain ? xq.data() : nullptr, xs.data(), xsum.data(), K, G16, M,
-          fmt == Fmt::int4 ? amx_acts(xq.data(), K, M, xa) : nullptr};
+          plain ? amx_acts(xq.data(), K, M, xa) : nullptr};
 }
 
 // y = x W^T for the first N output rows: output rows split across threads; 16 of them at a time
@@ -148,7 +148,7 @@ at::Tensor int4_dequantize(const at::Tensor& w, const at::Tensor& steps, const a
   return out;
 }
 
-// Whether the 4-bit kernel runs passes of kAmxMinRows or more rows on AMX tiles (amx.h); `on`: 0
+// Whether the row-tile kernel runs passes of kAmxMinRows or more rows on AMX tiles (amx.h); `on`: 0
 // turns that off, 1 on again (where the build and the process have AMX), -1 changes nothing.
 // The results are the same either way.
 bool use_amx(int64_t on) {

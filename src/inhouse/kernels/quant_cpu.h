@@ -188,7 +188,7 @@ struct Weights {
 // Activations of M rows as the kernels read them (`quantize_row`): `blocks` (the row-scale int8
 // kernel's order, M x K), `plain` (column order, row m at plain + m * K: the row-tile kernel's), group scales
 // and sums (M x G16); `amx`: `plain` as the AMX kernel's passes (amx.h `amx_blocks`), or null
-// (then the 4-bit kernel is `row_tile`).
+// (then the row-tile kernel is `row_tile`).
 struct Acts {
   const int16_t* blocks;
   const int16_t* plain;
@@ -242,10 +242,10 @@ inline const int8_t* amx_acts(const int16_t* plain, int64_t K, int64_t M, Aligne
   return nullptr;
 }
 
-// Before a thread's first 4-bit pass over `a` (its tile shapes, if they are AMX passes).
+// Before a thread's first row-tile pass over `a` (its tile shapes, if they are AMX passes).
 inline void begin_passes(const Acts& a, const Weights& W) {
 #ifdef INHOUSE_AMX
-  if (a.amx != nullptr && W.fmt == Fmt::int4) amx_configure();
+  if (a.amx != nullptr && row_tiles(W.fmt)) amx_configure();
 #endif
   (void)a, (void)W;
 }
@@ -430,13 +430,13 @@ inline void tile_for(int64_t R, int64_t n0, int64_t n1, const Acts& a, int64_t m
     for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
       const int64_t nn = std::min(kTile, n1 - t0);
 #ifdef INHOUSE_AMX
-      if (F == Fmt::int4 && a.amx != nullptr) {
+      if (a.amx != nullptr) {
         const int8_t* A = a.amx + (m / kTileRows) * 16 * a.K;
         switch (R) {
-#define INHOUSE_TILE(R) case R: int4_tile_amx<R>(t0, nn, a.K, W, A, xs, xsum, a.G16, out, ldo); break;
+#define INHOUSE_TILE(R) case R: row_tile_amx<F, R>(t0, nn, a.K, W, A, xs, xsum, a.G16, out, ldo); break;
           INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
 #undef INHOUSE_TILE
-          default: int4_tile_amx<1>(t0, nn, a.K, W, A, xs, xsum, a.G16, out, ldo); break;
+          default: row_tile_amx<F, 1>(t0, nn, a.K, W, A, xs, xsum, a.G16, out, ldo); break;
         }
         continue;
       }
