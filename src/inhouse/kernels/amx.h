@@ -76,10 +76,11 @@ inline void amx_configure() {
   _tile_loadconfig(&config);
 }
 
-// A for every pass of 8 rows of M (`plain`: int16, column order, row m at plain + m * K): pass p's
+// A for every pass of 8 rows of M (`grouped`: int16, row m's group g at grouped + (g * M + m) * 32,
+// quant_cpu.h `quantize_row`): pass p's
 // 16 x K bytes at out + p * 16 * K (the layout at the top of this file). Per group, the column
 // pairs (2u, 2u + 1) and (16 + 2u, 17 + 2u) become places 4u .. 4u + 3: one dword permutation.
-inline void amx_blocks(const int16_t* plain, int64_t K, int64_t M, int8_t* out) {
+inline void amx_blocks(const int16_t* grouped, int64_t K, int64_t M, int8_t* out) {
   const int64_t passes = (M + kTileRows - 1) / kTileRows;
   const __m512i order = _mm512_set_epi32(15, 7, 14, 6, 13, 5, 12, 4, 11, 3, 10, 2, 9, 1, 8, 0);
   const __m512i half = _mm512_set1_epi16(128);
@@ -91,9 +92,8 @@ inline void amx_blocks(const int16_t* plain, int64_t K, int64_t M, int8_t* out) 
       std::memset(lo, 0, K);
       continue;
     }
-    const int16_t* x = plain + m * K;
     for (int64_t g = 0; g < K; g += kGroup) {
-      const __m512i v = _mm512_permutexvar_epi32(order, _mm512_loadu_si512(x + g));
+      const __m512i v = _mm512_permutexvar_epi32(order, _mm512_loadu_si512(grouped + (g / kGroup * M + m) * kGroup));
       const __m512i h = _mm512_srai_epi16(_mm512_add_epi16(v, half), 8);
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(hi + g), _mm512_cvtepi16_epi8(h));
       _mm256_storeu_si256(reinterpret_cast<__m256i*>(lo + g), _mm512_cvtepi16_epi8(_mm512_sub_epi16(v, _mm512_slli_epi16(h, 8))));

@@ -304,7 +304,7 @@ struct Layer {
 // the same norms and quantization of the same inputs, which costs less than a barrier).
 struct Scratch {
   AlignedVector<float> xn, tmp, tmp2, scores, cs;
-  AlignedVector<int16_t> q, p;  // quantized activations in block order (int8 kernels), in column order (4-bit)
+  AlignedVector<int16_t> q, p;  // quantized activations in block order (row-scale int8 kernel), grouped (row tiles)
   AlignedVector<int8_t> amx;     // p as the AMX kernel's passes (amx.h)
   AlignedVector<float> scales, sums;
 };
@@ -483,14 +483,14 @@ class FusedDecoder : public torch::CustomClassHolder {
       Scratch& sc = scratch_[t];
       // M rows of K (stride K) quantized in the orders the kernels of `fmts` read (`Acts`)
       auto quantize = [&](const float* x, int64_t K, int64_t M, std::initializer_list<Fmt> fmts) -> Acts {
-        bool blocks = false, plain = false;
-        for (const Fmt f : fmts) (row_tiles(f) ? plain : blocks) = true;
+        bool blocks = false, grouped = false;
+        for (const Fmt f : fmts) (row_tiles(f) ? grouped : blocks) = true;
         for (int64_t b = 0; b < M; ++b) {
           quantize_row(x + b * K, K, M, b, blocks ? sc.q.data() : nullptr, sc.scales.data() + b * g16, sc.sums.data() + b * g16,
-                       plain ? sc.p.data() + b * K : nullptr);
+                       grouped ? sc.p.data() : nullptr);
         }
         return Acts{sc.q.data(), sc.p.data(), sc.scales.data(), sc.sums.data(), K, g16, M,
-                    plain ? amx_acts(sc.p.data(), K, M, sc.amx) : nullptr};
+                    grouped ? amx_acts(sc.p.data(), K, M, sc.amx) : nullptr};
       };
       auto norm_and_quantize = [&](const float* w, std::initializer_list<Fmt> fmts) -> Acts {
         for (int64_t b = 0; b < B; ++b) rms_norm(h_.data() + b * D_, w, D_, eps_, sc.xn.data() + b * D_);

@@ -27,13 +27,13 @@ Acts quantize_rows(const at::Tensor& x, Fmt fmt) {
   xs.assign(M * G16, 0.0f);
   xsum.assign(M * G16, 0.0f);
   const float* xp = x.data_ptr<float>();
-  const bool plain = row_tiles(fmt);
+  const bool grouped = row_tiles(fmt);
   for (int64_t m = 0; m < M; ++m) {
-    quantize_row(xp + m * K, K, M, m, plain ? nullptr : xq.data(), xs.data() + m * G16, xsum.data() + m * G16,
-                 plain ? xq.data() + m * K : nullptr);
+    quantize_row(xp + m * K, K, M, m, grouped ? nullptr : xq.data(), xs.data() + m * G16, xsum.data() + m * G16,
+                 grouped ? xq.data() : nullptr);
   }
-  return {plain ? nullptr : xq.data(), plain ? xq.data() : nullptr, xs.data(), xsum.data(), K, G16, M,
-          plain ? amx_acts(xq.data(), K, M, xa) : nullptr};
+  return {grouped ? nullptr : xq.data(), grouped ? xq.data() : nullptr, xs.data(), xsum.data(), K, G16, M,
+          grouped ? amx_acts(xq.data(), K, M, xa) : nullptr};
 }
 
 // y = x W^T for the first N output rows: output rows split across threads; 16 of them at a time

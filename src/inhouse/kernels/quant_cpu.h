@@ -104,15 +104,16 @@ inline void block_chunks(const int16_t* groups, int P, int16_t* out) {
 }
 
 // Quantize row b of M activation rows: int16 with one scale per group of 32 (xs, G) and the exact
-// group sums (xsum, G padded to 16 with zeros). The int16 values go to `plain` (K of them, in
-// column order: the 4-bit kernel's) and/or to xq (M x K, stored block by block for the int8
-// kernels (above), each block with the M rows' chunks one row after the other: row b's chunk c of
-// the block at group g0 (P groups) is at xq + (g0 * M + b * P + c) * 32, so that a row kernel
-// reaches every row of a tile from one pointer); either may be null.
+// group sums (xsum, G padded to 16 with zeros). The int16 values go to `grouped` (M x K, group by
+// group: row b's 32 values of group g in column order at grouped + (g * M + b) * 32, the row-tile
+// kernel's) and/or to xq (M x K, stored block by block for the row-scale int8 kernel (above), each
+// block with the M rows' chunks one row after the other: row b's chunk c of the block at group g0
+// (P groups) is at xq + (g0 * M + b * P + c) * 32); either may be null. Either way a kernel reaches
+// every row of a pass from one pointer, at offsets known when it is compiled.
 inline void quantize_row(const float* x, int64_t K, int64_t M, int64_t b, int16_t* xq, float* xs, float* xsum,
-                         int16_t* plain = nullptr) {
+                         int16_t* grouped = nullptr) {
   using namespace simd;
-  const int64_t G = K / kGroup;
+  const int64_t G = K / kGroup, row = b;
   alignas(64) int16_t groups[kLanes * kGroup];  // a block's groups, quantized, columns in order
   for (int64_t g0 = 0; g0 < G;) {
     const int P = block_groups(G, g0);
@@ -126,7 +127,7 @@ inline void quantize_row(const float* x, int64_t K, int64_t M, int64_t b, int16_
       const vf vinv = set1(amax > 0.0f ? kActMax / amax : 0.0f);
       lo = to_int(round(mul(a, vinv)));
       hi = to_int(round(mul(b, vinv)));
-      if (plain != nullptr) store_i16(plain + g * kGroup, lo, hi);
+      if (grouped != nullptr) store_i16(grouped + (g * M + row) * kGroup, lo, hi);
     };
     if (xq == nullptr) {
       for (int i = 0; i < P; ++i) {
@@ -186,12 +187,12 @@ struct Weights {
 };
 
 // Activations of M rows as the kernels read them (`quantize_row`): `blocks` (the row-scale int8
-// kernel's order, M x K), `plain` (column order, row m at plain + m * K: the row-tile kernel's), group scales
-// and sums (M x G16); `amx`: `plain` as the AMX kernel's passes (amx.h `amx_blocks`), or null
-// (then the row-tile kernel is `row_tile`).
+// kernel's order, M x K), `grouped` (the row-tile kernel's: group by group, the M rows' 32 values
+// each), group scales and sums (M x G16); `amx`: `grouped` as the AMX kernel's passes (amx.h
+// `amx_blocks`), or null (then the row-tile kernel is `row_tile`).
 struct Acts {
   const int16_t* blocks;
-  const int16_t* plain;
+  const int16_t* grouped;
   const float* scales;
   const float* sums;
   int64_t K, G16, M;
@@ -228,17 +229,17 @@ __attribute__((always_inline)) inline void scale_tile_group(const simd::vd* dd, 
 
 namespace inhouse_kernels {
 
-// M rows of int16 activations (column order) as the AMX kernel's passes, in `buf`; null where
-// row_tile serves them (fewer than kAmxMinRows rows, a build or a process without AMX).
-inline const int8_t* amx_acts(const int16_t* plain, int64_t K, int64_t M, AlignedVector<int8_t>& buf) {
+// M rows of int16 activations (`grouped`, `quantize_row`) as the AMX kernel's passes, in `buf`;
+// null where row_tile serves them (fewer than kAmxMinRows rows, a build or a process without AMX).
+inline const int8_t* amx_acts(const int16_t* grouped, int64_t K, int64_t M, AlignedVector<int8_t>& buf) {
 #ifdef INHOUSE_AMX
   if (M >= kAmxMinRows && amx_ready()) {
     buf.resize((M + kTileRows - 1) / kTileRows * 16 * K);
-    amx_blocks(plain, K, M, buf.data());
+    amx_blocks(grouped, K, M, buf.data());
     return buf.data();
   }
 #endif
-  (void)plain, (void)K, (void)M, (void)buf;
+  (void)grouped, (void)K, (void)M, (void)buf;
   return nullptr;
 }
 
@@ -371,16 +372,16 @@ void rows_times(int64_t n0, int64_t n1, int64_t K, const Weights& W, const int16
 }
 
 // The row-tile kernel (4-bit weights, or int8 with group steps): the tile of output rows [n0, n0 +
-// kTile) (n0 a multiple of kTile) for R activation rows (xp: the first one's K int16 in column
-// order, the next K further on; xs, xsum: its group scales and sums, the next G16 further on);
-// writes the first nn of them (fewer in a padded last tile) to out[r * ldo + n0 ..]. Per group:
-// each unit's two column pairs of all the tile's rows are one vector of codes, multiplied by the
-// activations' pair (broadcast) in one integer dot product per activation row; the group's sums
-// are converted and scaled once for the whole tile (the weights' steps times the activations'
-// scale), then for 4-bit weights the mins term (the weights' mins times the exact group sums of
-// x) is added, the groups in order.
+// kTile) (n0 a multiple of kTile) for R activation rows (xp: the first one's int16 in `grouped`
+// order, of M rows; xs, xsum: its group scales and sums, the next G16 further on); writes the
+// first nn of them (fewer in a padded last tile) to out[r * ldo + n0 ..]. Per group: each unit's
+// two column pairs of all the tile's rows are one vector of codes, multiplied by the activations'
+// pair (broadcast) in one integer dot product per activation row; the group's sums are converted
+// and scaled once for the whole tile (the weights' steps times the activations' scale), then for
+// 4-bit weights the mins term (the weights' mins times the exact group sums of x) is added, the
+// groups in order.
 template <Fmt F, int R>
-void row_tile(int64_t n0, int64_t nn, int64_t K, const Weights& W, const int16_t* xp, const float* xs,
+void row_tile(int64_t n0, int64_t nn, int64_t K, const Weights& W, const int16_t* xp, int64_t M, const float* xs,
               const float* xsum, int64_t G16, float* out, int64_t ldo) {
   using namespace simd;
   static_assert(row_tiles(F), "int8 weights with row scales: rows_times");
@@ -396,7 +397,7 @@ void row_tile(int64_t n0, int64_t nn, int64_t K, const Weights& W, const int16_t
   for (int64_t g = 0; g < G; ++g) {
     const uint8_t* wg = w + g * kBytes;
     prefetch_tile_group(wg, kBytes);
-    const int16_t* xg = xp + g * kGroup;
+    const int16_t* xg = xp + g * M * kGroup;  // row r's values of group g at xg + 32 * r
     vd d[R][S];
     for (int r = 0; r < R; ++r)
       for (int i = 0; i < S; ++i) d[r][i] = dot_zero();
@@ -407,8 +408,8 @@ void row_tile(int64_t n0, int64_t nn, int64_t K, const Weights& W, const int16_t
       else tile_codes8(wg + u * 4 * kTile, c0, c1);
 #pragma GCC unroll 8
       for (int r = 0; r < R; ++r) {
-        d[r][0] = tile_dot(d[r][0], c0, xg + r * K + 2 * u);
-        d[r][S - 1] = tile_dot(d[r][S - 1], c1, xg + r * K + 16 + 2 * u);
+        d[r][0] = tile_dot(d[r][0], c0, xg + r * kGroup + 2 * u);
+        d[r][S - 1] = tile_dot(d[r][S - 1], c1, xg + r * kGroup + 16 + 2 * u);
       }
     }
     vd dd[R];
@@ -426,7 +427,7 @@ inline void tile_for(int64_t R, int64_t n0, int64_t n1, const Acts& a, int64_t m
   const float* xs = a.scales + m * a.G16;
   if constexpr (row_tiles(F)) {
     const float* xsum = a.sums + m * a.G16;
-    const int16_t* xp = a.plain + m * a.K;
+    const int16_t* xp = a.grouped + m * kGroup;
     for (int64_t t0 = n0; t0 < n1; t0 += kTile) {
       const int64_t nn = std::min(kTile, n1 - t0);
 #ifdef INHOUSE_AMX
@@ -442,10 +443,10 @@ inline void tile_for(int64_t R, int64_t n0, int64_t n1, const Acts& a, int64_t m
       }
 #endif
       switch (R) {
-#define INHOUSE_TILE(R) case R: row_tile<F, R>(t0, nn, a.K, W, xp, xs, xsum, a.G16, out, ldo); break;
+#define INHOUSE_TILE(R) case R: row_tile<F, R>(t0, nn, a.K, W, xp, a.M, xs, xsum, a.G16, out, ldo); break;
         INHOUSE_TILE(8) INHOUSE_TILE(7) INHOUSE_TILE(6) INHOUSE_TILE(5) INHOUSE_TILE(4) INHOUSE_TILE(3) INHOUSE_TILE(2)
 #undef INHOUSE_TILE
-        default: row_tile<F, 1>(t0, nn, a.K, W, xp, xs, xsum, a.G16, out, ldo); break;
+        default: row_tile<F, 1>(t0, nn, a.K, W, xp, a.M, xs, xsum, a.G16, out, ldo); break;
       }
     }
   } else {
