@@ -150,8 +150,18 @@ def pack_int4_tiles(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor
     b = c[:, :, 0] | (c[:, :, 1] << 4)  # (N, G, 16): byte j, column j low and 16 + j high
     if padded > n:
         b = torch.cat((b, b.new_zeros(padded - n, g, 16)))
-    packed = b.view(padded // rows, rows, g, 8, 2).permute(0, 2, 3, 1, 4).contiguous().view(padded, k // 2)
+    packed = _laid_out(b.view(padded // rows, rows, g, 8, 2).permute(0, 2, 3, 1, 4), (padded, k // 2))
     return packed, _padded_tiles(steps, n, padded, rows), _padded_tiles(mins, n, padded, rows)
+
+
+def _laid_out(src: torch.Tensor, shape: tuple[int, ...]) -> torch.Tensor:
+    """`src` (any strides) copied, in its logical order, into a new tensor of `shape` that owns its
+    memory. Not ``src.contiguous().view(shape)``: that is a view, whose base would keep this copy
+    alive after `inhouse.model.arena` moves the weights (it replaces their data), ~60 MB of a
+    converting start on SmolLM2."""
+    out = torch.empty(shape, dtype=src.dtype, device=src.device)
+    out.view(src.shape).copy_(src)
+    return out
 
 
 def _padded_tiles(v: torch.Tensor, n: int, padded: int, rows: int) -> torch.Tensor:
@@ -160,7 +170,7 @@ def _padded_tiles(v: torch.Tensor, n: int, padded: int, rows: int) -> torch.Tens
     v = v.to(torch.float16)
     if padded > n:
         v = torch.cat((v, v.new_zeros(padded - n, g)))
-    return v.view(padded // rows, rows, g).transpose(1, 2).contiguous().view(padded, g)
+    return _laid_out(v.view(padded // rows, rows, g).transpose(1, 2), (padded, g))
 
 
 def pack_int8_tiles(codes: torch.Tensor, steps: torch.Tensor,
@@ -178,7 +188,7 @@ def pack_int8_tiles(codes: torch.Tensor, steps: torch.Tensor,
     padded = -(-n // rows) * rows
     c = codes if padded == n else torch.cat((codes, codes.new_zeros(padded - n, k)))
     # column 16h + 2u + j of row i (tile t) -> (t, group, u, h, i, j)
-    packed = c.view(padded // rows, rows, g, 2, 8, 2).permute(0, 2, 4, 3, 1, 5).contiguous().view(padded, k)
+    packed = _laid_out(c.view(padded // rows, rows, g, 2, 8, 2).permute(0, 2, 4, 3, 1, 5), (padded, k))
     return packed, _padded_tiles(steps, n, padded, rows)
 
 
