@@ -9,7 +9,8 @@ import pytest
 import torch
 
 from inhouse.kernels import cpu_isa, native_kernels_available
-from inhouse.model.quant import Int4Codes, Int4Linear, Int8Linear, native_order
+from inhouse.model.native_layout import native_order
+from inhouse.model.quant import Int4Codes, Int4Linear, Int8Linear
 
 pytestmark = pytest.mark.skipif(cpu_isa() is None, reason="the native kernels need AVX-512 VNNI or AVX2")
 

@@ -84,7 +84,7 @@ using AlignedVector = std::vector<T, CacheLineAllocator<T>>;
 // bytes. A chunk's integer dot products land in kLanes lanes, each lane covering 32 / kLanes
 // consecutive places: in a block of kLanes groups, one lane per group, so the block is converted
 // and scaled once (3 vector operations per 16 dot products on AVX-512), not once per group.
-// inhouse.model.quant.native_order is the same order.
+// inhouse.model.native_layout.native_order is the same order.
 inline int block_groups(int64_t G, int64_t g0) {  // the size of the block starting at group g0
   int P = simd::kLanes;
   while (P > G - g0) P /= 2;
@@ -469,7 +469,7 @@ inline void tile(int64_t R, int64_t n0, int64_t n1, const Acts& a, int64_t m, co
 }
 
 // Row n of W (int4 or int8_groups) in fp32, the file's values: code * step + min per element for
-// int4 (a multiply then an add, as PyTorch's ops and inhouse.model.quant.int4_rows compute it),
+// int4 (a multiply then an add, as PyTorch's ops and inhouse.model.native_layout.int4_rows compute it),
 // code * step for int8 (ggml's Q8_0): `put(g, f0, f1)` receives group g's columns 0-15 and 16-31.
 template <typename Put>
 inline void row_values(const Weights& W, int64_t n, int64_t K, const Put& put) {

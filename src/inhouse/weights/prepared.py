@@ -54,7 +54,8 @@ _MODULE_CLASSES = {"Int4Linear": Int4Linear, "Int8Linear": Int8Linear, "Rescored
                    "Int4Embedding": Int4Embedding, "Int8Embedding": Int8Embedding}
 # The code whose output an entry holds: a change to any of these files makes every key new.
 _CODE = ("config.py", "weights/gguf.py", "weights/quants.py", "weights/loader.py", "weights/names.py",
-         "weights/prepared.py", "model/quant.py", "model/transformer.py", "model/arena.py", "tokenizer/hf.py")
+         "weights/prepared.py", "model/quant.py", "model/native_layout.py", "model/transformer.py", "model/arena.py",
+         "tokenizer/hf.py")
 _DTYPES = {str(d).removeprefix("torch."): d for d in (torch.float32, torch.bfloat16, torch.float16, torch.uint8,
                                                       torch.int8, torch.int32, torch.int64)}
 _READ_CHUNK = 64 << 20
