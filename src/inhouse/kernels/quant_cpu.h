@@ -18,7 +18,7 @@
 // Activations: each row is quantized per group of 32 to int16 with its own scale (max|x| / 32639:
 //   finer than bf16; int8 here moved ~5% of SmolLM2's greedy tokens; 32639, not 32767, so that
 //   each value is two int8 for the AMX kernel, amx.h); the mins term uses the
-//   exact fp32 group sums of x. The row-tile kernels read them in column order, the int8 kernel
+//   exact fp32 group sums of x. The row-tile kernels read them group by group, the int8 kernel
 //   with row scales in block order (`quantize_row` writes either or both).
 // y[m, n] = sum_g step[n,g] * xs[m,g] * sum_{k in g} code[n,k] * xq[m,k] + sum_g min[n,g] * xsum[m,g]
 //
@@ -113,21 +113,21 @@ inline void block_chunks(const int16_t* groups, int P, int16_t* out) {
 inline void quantize_row(const float* x, int64_t K, int64_t M, int64_t b, int16_t* xq, float* xs, float* xsum,
                          int16_t* grouped = nullptr) {
   using namespace simd;
-  const int64_t G = K / kGroup, row = b;
+  const int64_t G = K / kGroup;
   alignas(64) int16_t groups[kLanes * kGroup];  // a block's groups, quantized, columns in order
   for (int64_t g0 = 0; g0 < G;) {
     const int P = block_groups(G, g0);
     auto group = [&](int i, vi& lo, vi& hi) {
       const int64_t g = g0 + i;
       const float* xg = x + g * kGroup;
-      const vf a = load(xg), b = load(xg + 16);
-      const float amax = reduce_max(max(abs(a), abs(b)));
-      xsum[g] = reduce_add(add(a, b));
+      const vf x0 = load(xg), x1 = load(xg + 16);
+      const float amax = reduce_max(max(abs(x0), abs(x1)));
+      xsum[g] = reduce_add(add(x0, x1));
       xs[g] = amax / kActMax;
       const vf vinv = set1(amax > 0.0f ? kActMax / amax : 0.0f);
-      lo = to_int(round(mul(a, vinv)));
-      hi = to_int(round(mul(b, vinv)));
-      if (grouped != nullptr) store_i16(grouped + (g * M + row) * kGroup, lo, hi);
+      lo = to_int(round(mul(x0, vinv)));
+      hi = to_int(round(mul(x1, vinv)));
+      if (grouped != nullptr) store_i16(grouped + (g * M + b) * kGroup, lo, hi);
     };
     if (xq == nullptr) {
       for (int i = 0; i < P; ++i) {
@@ -198,7 +198,7 @@ struct Acts {
   int64_t K, G16, M;
   const int8_t* amx = nullptr;
 };
-// The row-tile kernels' steps per group (`row_tile` and amx.h's `int4_tile_amx` share them, so
+// The row-tile kernels' steps per group (`row_tile` and amx.h's `row_tile_amx` share them, so
 // that their results agree bit for bit). A tile's group (`bytes` at wg) is read from memory once
 // per token: ask for it well ahead.
 inline void prefetch_tile_group(const uint8_t* wg, int64_t bytes) {
@@ -314,7 +314,7 @@ __attribute__((always_inline)) inline void with_block(int P, const F& f) {
   }
 }
 
-// Each output's lanes summed, 16 outputs at a time (`sum_lanes`), times the row scales if any.
+// Each output's lanes summed, 16 outputs at a time (`sum_lanes`), times the row scales.
 template <int R>
 inline void reduce_outputs(const simd::vq (*lanes)[R], int64_t nn, const float* row_scales, float* out, int64_t ldo) {
   using namespace simd;
@@ -322,9 +322,7 @@ inline void reduce_outputs(const simd::vq (*lanes)[R], int64_t nn, const float* 
     for (int r = 0; r < R; ++r) {
       vq v[kLanes];
       for (int i = 0; i < kLanes; ++i) v[i] = i0 + i < nn ? lanes[i0 + i][r] : q_zero();
-      vq s = sum_lanes(v);
-      if (row_scales != nullptr) s = q_mul(s, load_lanes_n(row_scales + i0, nn - i0));
-      store_lanes_n(out + r * ldo + i0, s, nn - i0);
+      store_lanes_n(out + r * ldo + i0, q_mul(sum_lanes(v), load_lanes_n(row_scales + i0, nn - i0)), nn - i0);
     }
   }
 }
