@@ -8,7 +8,7 @@ prompt run as rows of the fused step (best of 3). Run it alternately from two so
 
 (`git worktree add /tmp/A <commit>` gives the other tree); interleaving is what makes the numbers of a
 drifting VM comparable. ``--amx-ab N`` compares instead, in one process, batch-8 decode with the
-4-bit kernel's AMX passes on and off (`inhouse.kernels.amx_passes`), N rounds alternating. Not part
+row-tile kernel's AMX passes (4-bit layers, the Q8_0 vocabulary) on and off (`inhouse.kernels.amx_passes`), N rounds alternating. Not part
 of the test suite.
 """
 
