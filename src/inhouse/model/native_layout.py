@@ -74,6 +74,13 @@ def int4_tile_rows() -> int:
     return native_lanes()
 
 
+def tile_padded(n: int, rows: Optional[int] = None) -> int:
+    """Rows a row-tile matrix of `n` rows stores: `n` rounded up to whole tiles of `rows` (default
+    `int4_tile_rows`), as the kernels' ``tile_padded``."""
+    rows = rows or int4_tile_rows()
+    return -(-n // rows) * rows
+
+
 def pack_int4_tiles(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor,
                     rows: Optional[int] = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """(N, K) codes 0..15 with (N, K/32) steps and mins -> the native kernels' row tiles.
@@ -86,7 +93,7 @@ def pack_int4_tiles(codes: torch.Tensor, steps: torch.Tensor, mins: torch.Tensor
     """
     n, k = codes.shape
     rows, g = rows or int4_tile_rows(), k // INT4_GROUP
-    padded = -(-n // rows) * rows
+    padded = tile_padded(n, rows)
     c = codes.view(n, g, 2, 16)
     b = c[:, :, 0] | (c[:, :, 1] << 4)  # (N, G, 16): byte j, column j low and 16 + j high
     if padded > n:
@@ -126,7 +133,7 @@ def pack_int8_tiles(codes: torch.Tensor, steps: torch.Tensor,
     """
     n, k = codes.shape
     rows, g = rows or int4_tile_rows(), k // INT4_GROUP
-    padded = -(-n // rows) * rows
+    padded = tile_padded(n, rows)
     c = codes if padded == n else torch.cat((codes, codes.new_zeros(padded - n, k)))
     # column 16h + 2u + j of row i (tile t) -> (t, group, u, h, i, j)
     packed = _laid_out(c.view(padded // rows, rows, g, 2, 8, 2).permute(0, 2, 4, 3, 1, 5), (padded, k))

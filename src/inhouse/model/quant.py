@@ -43,8 +43,8 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from inhouse.model.native_layout import (INT4_GROUP, QuantizeError, int4_rows, int4_tile_parts, int4_tile_rows,
-                                         int8_group_values, int8_rows, native_order, pack_int4_tiles, pack_int8_tiles)
+from inhouse.model.native_layout import (INT4_GROUP, QuantizeError, int4_rows, int4_tile_parts, int8_group_values,
+                                         int8_rows, native_order, pack_int4_tiles, pack_int8_tiles, tile_padded)
 
 logger = logging.getLogger("inhouse.model")
 
@@ -445,7 +445,7 @@ class Int4Linear(nn.Module):
 
 def _register_int4_tiles(m: nn.Module, n: int, k: int, device: Optional[torch.device]) -> None:
     """The (zero) buffers of an (n, k) 4-bit matrix in row tiles: ``weight_q4``, ``steps``, ``mins``."""
-    padded = -(-n // int4_tile_rows()) * int4_tile_rows()
+    padded = tile_padded(n)
     m.register_buffer("weight_q4", torch.zeros(padded, k // 2, dtype=torch.uint8, device=device))
     m.register_buffer("steps", torch.zeros(padded, k // INT4_GROUP, dtype=torch.float16, device=device))
     m.register_buffer("mins", torch.zeros(padded, k // INT4_GROUP, dtype=torch.float16, device=device))
@@ -453,7 +453,7 @@ def _register_int4_tiles(m: nn.Module, n: int, k: int, device: Optional[torch.de
 
 def _register_int8_tiles(m: nn.Module, n: int, k: int, device: Optional[torch.device]) -> None:
     """The (zero) buffers of an (n, k) int8 matrix with group steps in row tiles: ``weight_int8``, ``scales``."""
-    padded = -(-n // int4_tile_rows()) * int4_tile_rows()
+    padded = tile_padded(n)
     m.register_buffer("weight_int8", torch.zeros(padded, k, dtype=torch.int8, device=device))
     m.register_buffer("scales", torch.zeros(padded, k // INT4_GROUP, dtype=torch.float16, device=device))
 
